@@ -1,0 +1,309 @@
+"""The child side of a run: three processes, each a straight list of phases, then ``execve``.
+
+::
+
+    supervisor
+      └─ setup (A): drops host ids, unshares namespaces, waits for its id maps, forks:
+          └─ init (B): pid 1 of the new pid namespace; builds the root, forks, reaps, reports:
+              └─ program (C): joins the box cgroup, drops every privilege, seccomp, execve
+
+The order is data (:data:`SETUP_PHASES`, :data:`INIT_PHASES`, :data:`PROGRAM_PHASES`) so unit
+tests can check it with a recording kernel. Rules this code keeps (DESIGN.md §1-2):
+
+* it never logs, never takes a lock and never returns into the caller's stack: every process
+  ends in ``os._exit``; a failure is sent to the supervisor as a structured message;
+* the box cgroup holds only the program's process tree, so setup costs no CPU or memory there;
+* seccomp is installed last, right before ``execve``, after ``no_new_privs`` and the capability
+  drop (seccomp(2): without no_new_privs an unprivileged filter install fails, and anything
+  between the filter and execve would have to be allowed by it).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import kernel, protocol
+from .kernel import KernelOps
+from .rootfs import RootPlan, build_root
+from .spec import NetworkMode
+
+NAMESPACES = (
+    kernel.CLONE_NEWUSER  # first: the others are then owned by (and only admin-able from) it
+    | kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kernel.CLONE_NEWNET | kernel.CLONE_NEWIPC
+    | kernel.CLONE_NEWUTS
+)
+EXIT_SETUP_FAILED = 125
+
+
+@dataclass(frozen=True)
+class ChildPlan:
+    """Everything the child processes need, prepared by the supervisor before ``fork``."""
+
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    hostname: str
+    network: NetworkMode
+    uid: int
+    gid: int
+    drop_groups: bool  # root: shed supplementary groups before the user namespace exists
+    root: RootPlan
+    rlimits: tuple[tuple[int, int], ...]
+    stdio: tuple[int, int, int]
+    sync: socket.socket
+    bpf: bytes
+    listener: bool
+
+
+class PhaseError(Exception):
+    """A phase failed; carries what the supervisor needs to explain it."""
+
+    def __init__(self, phase: str, op: str, err: int, detail: str = "") -> None:
+        super().__init__(phase, op, err, detail)
+        self.phase, self.op, self.err, self.detail = phase, op, err, detail
+
+
+def _wait_for_go(plan: ChildPlan, phase: str) -> None:
+    reply = plan.sync.recv(protocol.MAX_MESSAGE)
+    if not reply or protocol.decode(reply).kind != protocol.GO:
+        raise PhaseError(phase, "wait for the supervisor", 0, "supervisor went away")
+
+
+# --- setup process (A) -------------------------------------------------------------------
+
+def isolate_fds(k: KernelOps, plan: ChildPlan) -> None:
+    """Keep only what the box needs: the caller's other fds must never reach it."""
+    k.close_fds_except((*plan.stdio, plan.sync.fileno()))
+
+
+def drop_groups(k: KernelOps, plan: ChildPlan) -> None:
+    """As root: shed supplementary groups now (it takes CAP_SETGID in the initial namespace).
+
+    Otherwise the box would keep root's groups, and ``setgroups=deny`` would make that final.
+    """
+    if plan.drop_groups:
+        k.setgroups([])
+
+
+def unshare_namespaces(k: KernelOps, plan: ChildPlan) -> None:
+    """New user namespace first (the kernel creates it before the others in one call)."""
+    k.unshare(NAMESPACES)
+
+
+def await_id_maps(k: KernelOps, plan: ChildPlan) -> None:
+    """The supervisor writes ``setgroups=deny``, ``uid_map`` and ``gid_map`` from outside."""
+    protocol.send(plan.sync, protocol.UNSHARED)
+    _wait_for_go(plan, "await_id_maps")
+
+
+SETUP_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (
+    isolate_fds, drop_groups, unshare_namespaces, await_id_maps,
+)
+
+
+# --- init process (B), pid 1 of the box --------------------------------------------------
+
+def die_with_parent(k: KernelOps, plan: ChildPlan) -> None:
+    """SIGKILL when the setup process dies (it dies with the supervisor, the same way).
+
+    If the supervisor died before this took effect, every other holder of the sync socket is
+    gone too and it reads as hung up: stop instead of running unsupervised.
+    """
+    k.set_pdeathsig(signal.SIGKILL)
+    poller = select.poll()
+    poller.register(plan.sync.fileno(), select.POLLIN)
+    if any(events & select.POLLHUP for _, events in poller.poll(0)):
+        raise PhaseError("die_with_parent", "supervisor is gone", 0)
+
+
+def mount_root(k: KernelOps, plan: ChildPlan) -> None:
+    build_root(k, plan.root)
+
+
+def set_hostname(k: KernelOps, plan: ChildPlan) -> None:
+    k.sethostname(plan.hostname)
+
+
+def set_up_network(k: KernelOps, plan: ChildPlan) -> None:
+    """The new network namespace has only a down ``lo``; bring it up only when asked."""
+    if plan.network is NetworkMode.LOOPBACK:
+        k.set_loopback_up()
+
+
+def protect_init(k: KernelOps, plan: ChildPlan) -> None:
+    """Make pid 1 unreadable and untraceable by the program (same uid): not dumpable."""
+    k.set_dumpable(False)
+
+
+INIT_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (
+    die_with_parent, mount_root, set_hostname, set_up_network, protect_init,
+)
+
+
+# --- program process (C) -----------------------------------------------------------------
+
+def join_cgroup(k: KernelOps, plan: ChildPlan) -> None:
+    """The supervisor moves this process (known from SCM_CREDENTIALS) into the box cgroup."""
+    protocol.send(plan.sync, protocol.ATTACH)
+    _wait_for_go(plan, "join_cgroup")
+
+
+def unshare_cgroup(k: KernelOps, plan: ChildPlan) -> None:
+    """After joining: the box's cgroup becomes the root of its cgroup namespace."""
+    k.unshare(kernel.CLONE_NEWCGROUP)
+
+
+def switch_ids(k: KernelOps, plan: ChildPlan) -> None:
+    """Become the box's uid/gid, mapped to its unprivileged host ids (never root anywhere).
+
+    Setup ran as the caller's host uid so it could reach the caller's bind sources; from here
+    on the program's process cannot signal, trace or read the box's init.
+    """
+    k.setresgid(plan.gid)
+    k.setresuid(plan.uid)
+
+
+def new_session(k: KernelOps, plan: ChildPlan) -> None:
+    """No controlling terminal, so TIOCSTI cannot reach the caller's (CVE-2017-5226)."""
+    k.setsid()
+
+
+def set_rlimits(k: KernelOps, plan: ChildPlan) -> None:
+    for which, value in plan.rlimits:
+        k.setrlimit(which, value)
+
+
+def set_stdio(k: KernelOps, plan: ChildPlan) -> None:
+    for target, fd in enumerate(plan.stdio):
+        k.dup2(fd, target)
+
+
+def close_fds(k: KernelOps, plan: ChildPlan) -> None:
+    """Late, so nothing opened during setup leaks in (runc CVE-2024-21626 leaked a cgroup fd)."""
+    k.close_fds_except((0, 1, 2, plan.sync.fileno()))
+
+
+def no_new_privs(k: KernelOps, plan: ChildPlan) -> None:
+    k.set_no_new_privs()
+
+
+def drop_capabilities(k: KernelOps, plan: ChildPlan) -> None:
+    k.drop_capabilities()
+
+
+PROGRAM_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (
+    join_cgroup, unshare_cgroup, switch_ids, new_session, set_rlimits, set_stdio, close_fds,
+    no_new_privs, drop_capabilities,
+)
+#: The two steps after every phase above: the filter, then execve (see :func:`exec_program`).
+FINAL_STEPS = ("install_seccomp", "execve")
+
+
+def _run_phases(k: KernelOps, plan: ChildPlan,
+                phases: tuple[Callable[[KernelOps, ChildPlan], None], ...]) -> None:
+    for phase in phases:
+        try:
+            phase(k, plan)
+        except PhaseError:
+            raise
+        except OSError as e:
+            raise PhaseError(phase.__name__, str(e.strerror or e), e.errno or 0,
+                             e.filename or "") from None
+        except Exception as e:  # report anything; this process must not unwind
+            raise PhaseError(phase.__name__, type(e).__name__, 0, str(e)) from None
+
+
+def resolve_program(argv0: str, env: dict[str, str]) -> str:
+    """Find ``argv0`` like execvp(3) does, inside the box's root and with the box's PATH."""
+    if "/" in argv0:
+        return argv0
+    for directory in env.get("PATH", "/usr/bin:/bin").split(":"):
+        candidate = os.path.join(directory or ".", argv0)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(2, "not found", argv0)
+
+
+def exec_program(k: KernelOps, plan: ChildPlan) -> None:
+    """Install seccomp and execve. Between the two only ``sendmsg`` and ``execve`` run."""
+    try:
+        path = resolve_program(plan.argv[0], plan.env)
+    except FileNotFoundError:
+        protocol.send(plan.sync, protocol.EXEC_ERROR, errno=2)
+        return
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)  # Python ignores these; execve keeps ignored signals
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    try:
+        listener = k.install_seccomp(plan.bpf, listener=plan.listener)
+    except OSError as e:
+        raise PhaseError("install_seccomp", "seccomp", e.errno or 0) from None
+    protocol.send(plan.sync, protocol.EXEC, fds=(listener,) if plan.listener else ())
+    try:
+        os.execve(path, plan.argv, plan.env)
+    except OSError as e:
+        protocol.send(plan.sync, protocol.EXEC_ERROR, errno=e.errno or 0)
+
+
+def _report(plan: ChildPlan, e: PhaseError) -> None:
+    try:
+        protocol.send(plan.sync, protocol.SETUP_ERROR, phase=e.phase, op=e.op[:200],
+                      errno=e.err, detail=e.detail[:500])
+    except OSError:
+        pass  # the supervisor is gone; exiting is all that is left
+
+
+def _program(k: KernelOps, plan: ChildPlan) -> None:
+    _run_phases(k, plan, PROGRAM_PHASES)
+    exec_program(k, plan)
+
+
+def _init(k: KernelOps, plan: ChildPlan) -> int:
+    """pid 1: set up, fork the program, reap every child until the program exits."""
+    _run_phases(k, plan, INIT_PHASES)
+    program = os.fork()
+    if program == 0:
+        _in_child(k, plan, _program)
+    # pid 1 ignores signals it has no handler for, sent from inside its namespace; drop the
+    # handlers Python installed so the program cannot make init raise (pid_namespaces(7)).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    while True:
+        pid, status, _ = os.wait4(-1, 0)
+        if pid == program:
+            protocol.send(plan.sync, protocol.EXITED, status=status)
+            return 0
+
+
+def _setup(k: KernelOps, plan: ChildPlan) -> int:
+    _run_phases(k, plan, SETUP_PHASES)
+    init = os.fork()
+    if init == 0:
+        _in_child(k, plan, _init)
+    _, status = os.waitpid(init, 0)
+    return os.waitstatus_to_exitcode(status) & 0xFF
+
+
+def _in_child(k: KernelOps, plan: ChildPlan, body: Callable[[KernelOps, ChildPlan], object]) -> None:
+    """Run ``body`` in a freshly forked process and never return into the caller's stack."""
+    code = EXIT_SETUP_FAILED
+    try:
+        result = body(k, plan)
+        code = result if isinstance(result, int) else EXIT_SETUP_FAILED
+    except PhaseError as e:
+        _report(plan, e)
+    except BaseException as e:  # noqa: BLE001 - nothing may escape a forked child
+        _report(plan, PhaseError("child", type(e).__name__, 0, str(e)))
+    finally:
+        os._exit(code)
+
+
+def start(k: KernelOps, plan: ChildPlan) -> int:
+    """Fork the setup process; returns its pid. Call only from a single-threaded process."""
+    pid = os.fork()
+    if pid == 0:
+        _in_child(k, plan, _setup)
+    return pid

@@ -1,0 +1,57 @@
+"""The one exception hierarchy of the sandbox.
+
+Program outcomes (a crash, a time limit, a forbidden syscall) are never exceptions: they are the
+verdict of a :class:`sandbox.report.Report`. Only failures of the sandbox itself raise, and every
+one of them derives from :class:`SandboxError` so a caller can catch them in one place.
+
+=====================  ===============================================================  =========
+class                  raised when                                                      CLI exit
+=====================  ===============================================================  =========
+``ConfigError``        a profile, policy or request is invalid (names file and key)     125
+``HostError``          this host cannot give a guarantee the profile demands            125
+``SetupError``         the box could not be set up (phase, operation and errno known)   125
+=====================  ===============================================================  =========
+"""
+
+from __future__ import annotations
+
+EXIT_SANDBOX_ERROR = 125
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND = 127
+
+
+class SandboxError(Exception):
+    """Base class of every error the sandbox raises; ``hint`` tells the user what to do."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class ConfigError(SandboxError):
+    """A profile, policy or request is invalid: the message names the file and the key."""
+
+    def __init__(self, source: str, key: str | None, problem: str, *, hint: str | None = None):
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {problem}", hint=hint)
+        self.source = source
+        self.key = key
+        self.problem = problem
+
+
+class HostError(SandboxError):
+    """This host cannot enforce something the profile demands (the run is refused)."""
+
+
+class SetupError(SandboxError):
+    """Setting up the box failed in a named phase; ``errno`` is the kernel's answer, if any."""
+
+    def __init__(self, phase: str, operation: str, errno: int | None, detail: str = "") -> None:
+        import os
+
+        reason = os.strerror(errno) if errno else detail
+        super().__init__(f"box setup failed in phase {phase!r}: {operation}: {reason}")
+        self.phase = phase
+        self.operation = operation
+        self.errno = errno

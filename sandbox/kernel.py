@@ -1,0 +1,221 @@
+"""The only module that makes raw system calls (ctypes, python-prctl).
+
+Everything else talks to :class:`Kernel`, so the child's phases can be run against a recording
+fake in unit tests, and the order of privileged operations is checked without root.
+Python 3.11 has no ``os.unshare``/``os.mount``; glibc wrappers are used where glibc has them and
+``syscall(2)`` numbers (x86_64) where it does not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fcntl
+import os
+import resource
+import socket
+import struct
+from typing import Protocol
+
+import prctl
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+# x86_64 syscall numbers for calls glibc 2.36 does not wrap.
+SYS_PIVOT_ROOT = 155
+SYS_SECCOMP = 317
+SYS_CLOSE_RANGE = 436
+SYS_MOUNT_SETATTR = 442
+
+# sched.h: namespace flags (os.CLONE_* only exists from Python 3.12).
+CLONE_NEWTIME = 0x00000080
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MNT_DETACH = 0x2
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = (("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64))
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32))
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+class KernelOps(Protocol):
+    """What the child's phases may ask of the kernel (real: :class:`Kernel`; tests: a fake)."""
+
+    def setgroups(self, groups: list[int]) -> None: ...
+    def setresgid(self, gid: int) -> None: ...
+    def setresuid(self, uid: int) -> None: ...
+    def unshare(self, flags: int) -> None: ...
+    def set_fsids(self, uid: int, gid: int) -> None: ...
+    def set_pdeathsig(self, sig: int) -> None: ...
+    def set_dumpable(self, dumpable: bool) -> None: ...
+    def mount(self, source: str | None, target: str, fstype: str | None, flags: int,
+              data: str | None = None) -> None: ...
+    def mount_setattr(self, path: str, attr_set: int, *, recursive: bool) -> None: ...
+    def pivot_root(self, new_root: str, put_old: str) -> None: ...
+    def umount2(self, target: str, flags: int) -> None: ...
+    def sethostname(self, name: str) -> None: ...
+    def set_loopback_up(self) -> None: ...
+    def setsid(self) -> None: ...
+    def setrlimit(self, which: int, value: int) -> None: ...
+    def dup2(self, fd: int, target: int) -> None: ...
+    def close_fds_except(self, keep: tuple[int, ...]) -> None: ...
+    def set_no_new_privs(self) -> None: ...
+    def drop_capabilities(self) -> None: ...
+    def install_seccomp(self, bpf: bytes, *, listener: bool) -> int: ...
+    def chdir(self, path: str) -> None: ...
+
+
+class Kernel:
+    """Real system calls. Methods raise OSError with the kernel's errno."""
+
+    def setgroups(self, groups: list[int]) -> None:
+        os.setgroups(groups)
+
+    def setresgid(self, gid: int) -> None:
+        os.setresgid(gid, gid, gid)
+
+    def setresuid(self, uid: int) -> None:
+        os.setresuid(uid, uid, uid)
+
+    def unshare(self, flags: int) -> None:
+        _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+    def set_fsids(self, uid: int, gid: int) -> None:
+        # setfsuid(2) reports no errors; asking again with -1 returns the value in force.
+        _libc.setfsgid(gid)
+        _libc.setfsuid(uid)
+        if _libc.setfsuid(-1) != uid or _libc.setfsgid(-1) != gid:
+            raise OSError(1, "setfsuid/setfsgid did not take effect")
+
+    def set_pdeathsig(self, sig: int) -> None:
+        prctl.set_pdeathsig(sig)
+
+    def set_dumpable(self, dumpable: bool) -> None:
+        prctl.set_dumpable(dumpable)
+
+    def mount(self, source: str | None, target: str, fstype: str | None, flags: int,
+              data: str | None = None) -> None:
+        _check(_libc.mount(
+            source.encode() if source is not None else None, target.encode(),
+            fstype.encode() if fstype is not None else None, ctypes.c_ulong(flags),
+            data.encode() if data is not None else None,
+        ), f"mount {target}")
+
+    def mount_setattr(self, path: str, attr_set: int, *, recursive: bool) -> None:
+        attr = _MountAttr(attr_set, 0, 0, 0)
+        flags = AT_RECURSIVE if recursive else 0
+        _check(_libc.syscall(SYS_MOUNT_SETATTR, -100, path.encode(), flags, ctypes.byref(attr),
+                             ctypes.sizeof(attr)), f"mount_setattr {path}")
+
+    def pivot_root(self, new_root: str, put_old: str) -> None:
+        _check(_libc.syscall(SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root")
+
+    def umount2(self, target: str, flags: int) -> None:
+        _check(_libc.umount2(target.encode(), flags), f"umount {target}")
+
+    def sethostname(self, name: str) -> None:
+        raw = name.encode()
+        _check(_libc.sethostname(raw, len(raw)), "sethostname")
+
+    def set_loopback_up(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            ifreq = struct.pack("16sh14x", b"lo", 0)
+            flags = struct.unpack("16sh14x", fcntl.ioctl(s, _SIOCGIFFLAGS, ifreq))[1]
+            fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sh14x", b"lo", flags | _IFF_UP))
+
+    def setsid(self) -> None:
+        os.setsid()
+
+    def setrlimit(self, which: int, value: int) -> None:
+        resource.setrlimit(which, (value, value))
+
+    def dup2(self, fd: int, target: int) -> None:
+        os.dup2(fd, target, inheritable=True)
+
+    def close_fds_except(self, keep: tuple[int, ...]) -> None:
+        # close_range(2) closes whole ranges in one call; gaps are the fds we keep.
+        start = 0
+        for fd in sorted(keep):
+            if fd > start:
+                _check(_libc.syscall(SYS_CLOSE_RANGE, start, fd - 1, 0), "close_range")
+            start = fd + 1
+        _check(_libc.syscall(SYS_CLOSE_RANGE, start, 0xFFFF_FFFF, 0), "close_range")
+
+    def set_no_new_privs(self) -> None:
+        prctl.set_no_new_privs(True)
+
+    def drop_capabilities(self) -> None:
+        # Ambient first (it needs the permitted set), then the bounding set (needs CAP_SETPCAP),
+        # then securebits so no uid change can ever restore anything, and capset last because
+        # it removes CAP_SETPCAP itself (capabilities(7), "Thread capability sets").
+        _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clear ambient")
+        for cap in range(prctl.CAP_LAST_CAP + 1):
+            prctl.capbset.drop(cap)
+        prctl.set_securebits(
+            prctl.SECURE_NOROOT | prctl.SECURE_NOROOT_LOCKED | prctl.SECURE_NO_SETUID_FIXUP
+            | prctl.SECURE_NO_SETUID_FIXUP_LOCKED | prctl.SECURE_KEEP_CAPS_LOCKED
+        )
+        header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+        data = (_CapData * 2)()
+        _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+    def install_seccomp(self, bpf: bytes, *, listener: bool) -> int:
+        buf = ctypes.create_string_buffer(bpf, len(bpf))
+        prog = _SockFprog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
+        flags = SECCOMP_FILTER_FLAG_NEW_LISTENER if listener else 0
+        return _check(_libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, flags,
+                                    ctypes.byref(prog)), "seccomp")
+
+    def chdir(self, path: str) -> None:
+        os.chdir(path)
+

@@ -1,0 +1,106 @@
+"""The outcome of one run: a verdict with exact figures, serializable as versioned JSON."""
+
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from .errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SANDBOX_ERROR
+
+SCHEMA_VERSION = 1
+
+
+class Verdict(str, Enum):
+    """How the run ended, from the program's point of view (``sandbox_error``: ours)."""
+
+    OK = "ok"
+    RUNTIME_ERROR = "runtime_error"
+    SIGNALED = "signaled"
+    CPU_TIME_LIMIT = "cpu_time_limit"
+    WALL_TIME_LIMIT = "wall_time_limit"
+    MEMORY_LIMIT = "memory_limit"
+    OUTPUT_LIMIT = "output_limit"
+    FORBIDDEN_SYSCALL = "forbidden_syscall"
+    SANDBOX_ERROR = "sandbox_error"
+
+
+@dataclass(frozen=True)
+class AppliedLimit:
+    """One limit as applied to the run and the mechanism that enforced it."""
+
+    value: float | int | None
+    mechanism: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything known about a finished run. ``stdout``/``stderr`` are set for captured output."""
+
+    verdict: Verdict
+    exit_code: int | None
+    signal: int | None
+    cpu_time: float
+    cpu_user: float
+    cpu_system: float
+    wall_time: float
+    memory_peak: int | None
+    oom_killed: bool
+    forbidden_syscall: str | None
+    profile: str
+    profile_hash: str
+    cgroup: str
+    limits: dict[str, AppliedLimit]
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    limit_fired: str | None = None
+    error: str | None = None
+    setup_time: float = 0.0
+    stdout: bytes | None = field(default=None, repr=False)
+    stderr: bytes | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict is Verdict.OK
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.signal is None:
+            return None
+        try:
+            return signal.Signals(self.signal).name
+        except ValueError:
+            return f"SIG{self.signal}"
+
+    def cli_exit_code(self) -> int:
+        """The exit code ``sandbox exec`` ends with (Docker's conventions, DESIGN.md §7)."""
+        if self.verdict is Verdict.SANDBOX_ERROR:
+            return EXIT_SANDBOX_ERROR
+        if self.signal is not None:
+            return 128 + self.signal
+        if self.exit_code is None:
+            return EXIT_SANDBOX_ERROR
+        return self.exit_code
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (schema ``SCHEMA_VERSION``), without captured output."""
+        data = asdict(self)
+        del data["stdout"], data["stderr"]
+        data["verdict"] = self.verdict.value
+        data["signal_name"] = self.signal_name
+        data["schema"] = SCHEMA_VERSION
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def exec_failure_exit_code(err: int) -> int:
+    """127 when the program does not exist, 126 when it exists but cannot be executed."""
+    import errno
+
+    return EXIT_NOT_FOUND if err in (errno.ENOENT, errno.ENOTDIR) else EXIT_CANNOT_EXECUTE

@@ -1,0 +1,150 @@
+"""The frozen, validated description of one run: everything the box needs, nothing mutable.
+
+A :class:`Profile` is what a ``profiles/*.toml`` file resolves to; a :class:`Spec` is a profile plus
+one request (the command, binds, limit overrides) after the policy has clamped it. Runtime state
+(pids, cgroup paths, file descriptors) never lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+#: Limits a request or policy may set, in the units of :class:`Limits` (seconds, bytes, counts).
+LIMIT_NAMES = (
+    "wall_time",
+    "cpu_time",
+    "memory",
+    "pids",
+    "fsize",
+    "open_files",
+    "stack",
+    "output",
+    "tmp_size",
+    "work_size",
+)
+#: Limits given in seconds; every other limit is an integer.
+DURATION_LIMITS = frozenset({"wall_time", "cpu_time"})
+#: Limits given in bytes (accept ``64M`` style sizes).
+SIZE_LIMITS = frozenset({"memory", "fsize", "stack", "output", "tmp_size", "work_size"})
+
+
+class NetworkMode(str, Enum):
+    """What the box's own network namespace contains."""
+
+    NONE = "none"
+    LOOPBACK = "loopback"
+
+
+class SeccompAction(str, Enum):
+    """What the filter does with a syscall a rule matches."""
+
+    ALLOW = "allow"
+    KILL = "kill"
+    ERRNO = "errno"
+
+
+class Fallback(str, Enum):
+    """What to do when the host has no usable cgroup for memory and pids limits."""
+
+    NONE = "none"  # fail closed: refuse the run
+    RLIMIT = "rlimit"  # enforce memory with RLIMIT_AS and pids with RLIMIT_NPROC
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits; ``None`` means the profile sets none (only allowed where documented)."""
+
+    wall_time: float = 10.0
+    cpu_time: float | None = None
+    memory: int | None = None
+    pids: int | None = None
+    fsize: int | None = None
+    open_files: int | None = None
+    stack: int | None = None
+    output: int | None = None
+    tmp_size: int = 16 << 20
+    work_size: int = 16 << 20
+
+    def merged(self, **overrides: float | int | None) -> Limits:
+        """Return a copy with the given limits replaced (``None`` values are ignored)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True, slots=True)
+class ArgCondition:
+    """One seccomp argument comparison: ``(arg[index] & mask) == value`` (or ``!=``)."""
+
+    index: int
+    value: int
+    mask: int = 0xFFFF_FFFF_FFFF_FFFF
+    equal: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SeccompRule:
+    """Syscalls (names, already expanded from groups) and what the filter does with them."""
+
+    syscalls: tuple[str, ...]
+    action: SeccompAction
+    errno: int = 0
+    conditions: tuple[ArgCondition, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SeccompPolicy:
+    """The whole filter: rules in order, the default for every other syscall and guards."""
+
+    default: SeccompAction
+    default_errno: int
+    rules: tuple[SeccompRule, ...]
+    socket_families: tuple[int, ...]
+    allow_namespace_clone: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    """A host path made visible in the box (read-only unless ``writable``)."""
+
+    source: str
+    target: str
+    writable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """What a sandbox may do: one resolved ``profiles/*.toml`` (after ``extends``)."""
+
+    name: str
+    source: str
+    content_hash: str
+    description: str
+    hostname: str
+    network: NetworkMode
+    uid: int
+    gid: int
+    workdir: str
+    noexec_tmp: bool
+    env: tuple[tuple[str, str], ...]
+    limits: Limits
+    fallback: Fallback
+    seccomp: SeccompPolicy
+    binds: tuple[Bind, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """One run: a profile plus the request, after the policy clamped it."""
+
+    profile: Profile
+    argv: tuple[str, ...]
+    limits: Limits
+    binds: tuple[Bind, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+    clamped: tuple[str, ...] = field(default=())
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """The program's whole environment: the profile's allowlist, then the request's."""
+        return dict(self.profile.env) | dict(self.env)

@@ -1,0 +1,54 @@
+"""Parsing of sizes (``64M``) and durations (``1.5`` seconds, ``500ms``) shared by every input."""
+
+from __future__ import annotations
+
+import math
+import re
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
+_FACTORS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+_SECONDS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0}
+
+
+def parse_size(value: object) -> int:
+    """Return a byte count from an int or a string such as ``512K``, ``64M``, ``1G`` (binary).
+
+    Raises ``ValueError`` with a sentence a user can act on.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as 64M, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"expected a size >= 0, got {value}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            number = float(m.group(1)) * _FACTORS[m.group(2).upper()]
+            if math.isfinite(number) and number < (1 << 62):
+                return int(number)
+    raise ValueError(f"expected a size such as 64M or 1G, got {value!r}")
+
+
+def parse_duration(value: object) -> float:
+    """Return seconds from a number or a string such as ``2``, ``2.5s``, ``500ms``."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration in seconds, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _SECONDS[m.group(2)]
+    else:
+        raise ValueError(f"expected a duration such as 2, 2.5s or 500ms, got {value!r}")
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > 365 * 86400:
+        raise ValueError(f"expected a duration > 0 and at most a year, got {value!r}")
+    return seconds
+
+
+def format_size(value: int) -> str:
+    """Render a byte count the way a user would write it (``64M``)."""
+    for suffix, factor in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if value and value % factor == 0:
+            return f"{value // factor}{suffix}"
+    return str(value)

@@ -1,0 +1,63 @@
+"""User namespace, parent side: which host ids a box runs as, and writing its id maps.
+
+As root, each concurrent box gets its own unprivileged host uid/gid (``ID_BASE + slot``), held by
+an ``flock`` on a slot file for the run's lifetime (released by the kernel even after SIGKILL).
+Without root, the only id a user may map is its own (user_namespaces(7), "Defining user and
+group ID mappings"), so every box of that user shares it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+from dataclasses import dataclass
+
+from .errors import HostError
+from .state import ensure_dir, state_dir
+
+ID_BASE = 100_000_000
+SLOTS = 65536
+
+
+@dataclass
+class HostIds:
+    """The host uid/gid a box runs as; ``lock_fd`` is held while the box exists."""
+
+    uid: int
+    gid: int
+    lock_fd: int | None = None
+
+    def release(self) -> None:
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def allocate() -> HostIds:
+    """Take a free id slot as root, or the caller's own ids otherwise."""
+    if os.geteuid() != 0:
+        return HostIds(os.geteuid(), os.getegid())
+    directory = ensure_dir(state_dir() / "ids")
+    start = random.randrange(SLOTS)  # noqa: S311 - spreads contention, not a secret
+    for i in range(SLOTS):
+        slot = (start + i) % SLOTS
+        fd = os.open(directory / str(slot), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return HostIds(ID_BASE + slot, ID_BASE + slot, fd)
+    raise HostError("all box id slots are in use")
+
+
+def write_maps(pid: int, inside_uid: int, inside_gid: int, ids: HostIds) -> None:
+    """Map exactly one id each way; ``setgroups`` is denied first (CVE-2014-8989) and for good."""
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{inside_uid} {ids.uid} 1\n"),
+                       ("gid_map", f"{inside_gid} {ids.gid} 1\n")):
+        fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
