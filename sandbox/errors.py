@@ -1,7 +1,8 @@
 """The one exception hierarchy of the sandbox.
 
 Program outcomes (a crash, a time limit, a forbidden syscall) are never exceptions: they are the
-verdict of a :class:`sandbox.report.Report`. Only failures of the sandbox itself raise, and every
+verdict of a :class:`sandbox.report.Report`, and so is a box that failed during its own setup
+(verdict ``sandbox_error``, with the phase and errno in ``Report.error``). Only failures of the sandbox itself raise, and every
 one of them derives from :class:`SandboxError` so a caller can catch them in one place.
 
 =====================  ===============================================================  =========
@@ -9,7 +10,6 @@ class                  raised when                                              
 =====================  ===============================================================  =========
 ``ConfigError``        a profile, policy or request is invalid (names file and key)     125
 ``HostError``          this host cannot give a guarantee the profile demands            125
-``SetupError``         the box could not be set up (phase, operation and errno known)   125
 =====================  ===============================================================  =========
 """
 
@@ -28,6 +28,9 @@ class SandboxError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.message,), {"hint": self.hint})
+
 
 class ConfigError(SandboxError):
     """A profile, policy or request is invalid: the message names the file and the key."""
@@ -39,19 +42,10 @@ class ConfigError(SandboxError):
         self.key = key
         self.problem = problem
 
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.source, self.key, self.problem), {"hint": self.hint})
+
 
 class HostError(SandboxError):
     """This host cannot enforce something the profile demands (the run is refused)."""
 
-
-class SetupError(SandboxError):
-    """Setting up the box failed in a named phase; ``errno`` is the kernel's answer, if any."""
-
-    def __init__(self, phase: str, operation: str, errno: int | None, detail: str = "") -> None:
-        import os
-
-        reason = os.strerror(errno) if errno else detail
-        super().__init__(f"box setup failed in phase {phase!r}: {operation}: {reason}")
-        self.phase = phase
-        self.operation = operation
-        self.errno = errno

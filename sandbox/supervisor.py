@@ -141,8 +141,12 @@ def resource_name(which: int) -> str:
     return str(which)
 
 
-def run_box(spec: Spec, stdin_fd: int, stdout: Sink, stderr: Sink) -> Report:
-    """Run ``spec`` to completion and return its report. Raises only for sandbox failures."""
+def run_box(spec: Spec, stdin_fd: int, stdout: Sink, stderr: Sink,
+            cancel_fd: int | None = None) -> Report:
+    """Run ``spec`` to completion and return its report. Raises only for sandbox failures.
+
+    ``cancel_fd`` becoming readable (its peer closed: the caller is gone) stops the run.
+    """
     started = time.monotonic()
     limits = spec.limits
     backend = cgroup_backend()
@@ -180,7 +184,7 @@ def run_box(spec: Spec, stdin_fd: int, stdout: Sink, stderr: Sink) -> Report:
             os.close(err_w)
         run = _Run(started=started)
         run.streams = {out_r: _Stream(stdout, limits.output), err_r: _Stream(stderr, limits.output)}
-        usage = _supervise(spec, run, pid, parent_sock, ids, box)
+        usage = _supervise(spec, run, pid, parent_sock, ids, box, cancel_fd)
         memory_peak = box.memory_peak() if box else None
         oom = box.oom_killed() if box else False
         cpu_total = usage.ru_utime + usage.ru_stime
@@ -269,7 +273,8 @@ def _read_notification(fd: int) -> tuple[int, int] | None:
 
 
 def _supervise(spec: Spec, run: _Run, pid: int, sock: socket.socket, ids: userns.HostIds,
-               box: cgroups.BoxCgroup | None) -> resource.struct_rusage:
+               box: cgroups.BoxCgroup | None, cancel_fd: int | None
+               ) -> resource.struct_rusage:
     limits = spec.limits
     pidfd = os.pidfd_open(pid)
     sel = selectors.DefaultSelector()
@@ -278,6 +283,8 @@ def _supervise(spec: Spec, run: _Run, pid: int, sock: socket.socket, ids: userns
         sel.register(pidfd, selectors.EVENT_READ, "exit")
         for fd in run.streams:
             sel.register(fd, selectors.EVENT_READ, "output")
+        if cancel_fd is not None:
+            sel.register(cancel_fd, selectors.EVENT_READ, "cancel")
         cpus = len(os.sched_getaffinity(0))
         usage = None
         while usage is None:
@@ -318,6 +325,10 @@ def _supervise(spec: Spec, run: _Run, pid: int, sock: socket.socket, ids: userns
                             name = f"{name} ({seccomp.arch_name(arch)})"
                         run.forbidden = name
                         _kill(run, "forbidden_syscall", pidfd, box)
+                elif key.data == "cancel":
+                    sel.unregister(key.fd)
+                    run.setup_error = "the run was cancelled: its caller went away"
+                    _kill(run, "cancelled", pidfd, box)
                 elif key.data == "exit":
                     if run.ended_at is None:
                         run.ended_at = time.monotonic()
@@ -400,7 +411,7 @@ def _report(spec: Spec, run: _Run, ended: float, cpu: float, cpu_user: float, cp
         else:
             exit_code = os.WEXITSTATUS(run.status)
     limit = run.limit_fired
-    if run.setup_error is not None and not run.setup_done:
+    if limit == "cancelled" or (run.setup_error is not None and not run.setup_done):
         verdict = Verdict.SANDBOX_ERROR
     elif run.exec_errno is not None:
         verdict, exit_code, sig = Verdict.RUNTIME_ERROR, exec_failure_exit_code(run.exec_errno), None

@@ -1,0 +1,153 @@
+"""The library entry point: ``sandbox.run(argv, ...) -> Report``, safe from many threads.
+
+Runs go through one helper process per library process (see ``helper.py``): the calling thread
+never forks. Sending a run to the helper takes a short lock; everything else runs concurrently.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from . import helper, logs
+from .errors import HostError, SandboxError
+from .report import Report
+from .request import Request, resolve
+from .spec import Bind
+
+BindLike = Bind | tuple[str, str] | tuple[str, str, bool]
+
+
+class _Helper:
+    """The running helper process and its control socket, started on first use."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.control: socket.socket | None = None
+
+    def submit(self, payload: bytes, fds: list[int]) -> None:
+        with self.lock:
+            if self.process is None or self.process.poll() is not None:
+                self._start()
+            if self.control is None:
+                raise HostError("the box helper did not start")
+            socket.send_fds(self.control, [payload], fds)
+
+    def _start(self) -> None:
+        if self.control is not None:
+            self.control.close()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", "from sandbox.helper import main; main()",
+                 str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                cwd="/", env={**os.environ, "PYTHONPATH": _package_root()},
+            )
+        self.control = ours
+
+    def reset_after_fork(self) -> None:
+        """In a forked child the helper belongs to the parent: start our own when needed."""
+        self.lock = threading.Lock()
+        self.process = None
+        self.control = None
+
+
+def _package_root() -> str:
+    extra = os.environ.get("PYTHONPATH")
+    root = str(Path(__file__).resolve().parent.parent)
+    return f"{root}:{extra}" if extra else root
+
+
+_helper = _Helper()
+os.register_at_fork(after_in_child=_helper.reset_after_fork)
+
+
+def _as_bind(value: BindLike) -> Bind:
+    if isinstance(value, Bind):
+        return value
+    if len(value) == 2:
+        return Bind(str(Path(value[0]).absolute()), value[1], False)
+    return Bind(str(Path(value[0]).absolute()), value[1], bool(value[2]))
+
+
+def _stdin_fd(stdin: bytes | str | int | None) -> int:
+    """A descriptor the helper may own for the program's stdin."""
+    if stdin is None:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    if isinstance(stdin, int):
+        return os.dup(stdin)
+    data = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
+    fd = os.memfd_create("sandbox-stdin", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    profile: str | None = None,
+    policy: str | Path | None = None,
+    purpose: str | None = None,
+    language: str | None = None,
+    tenant: str | None = None,
+    stdin: bytes | str | int | None = b"",
+    binds: Sequence[BindLike] = (),
+    env: Mapping[str, str] | None = None,
+    wall_time: float | str | None = None,
+    cpu_time: float | str | None = None,
+    memory: int | str | None = None,
+    pids: int | None = None,
+    fsize: int | str | None = None,
+    open_files: int | None = None,
+    stack: int | str | None = None,
+    output: int | str | None = None,
+    tmp_size: int | str | None = None,
+    work_size: int | str | None = None,
+) -> Report:
+    """Run ``argv`` in a new box and return its report (captured output in ``stdout``/``stderr``).
+
+    ``profile`` names a profile (default ``strict``) or gives its path; with ``policy`` the
+    policy picks the profile from ``purpose``/``language``/``tenant`` and clamps limits to its
+    ceilings. ``stdin`` is bytes, text, a file descriptor (duplicated) or None (empty). Limits
+    override the profile's (sizes accept ``64M``, durations ``500ms``). Raises
+    :class:`~sandbox.errors.SandboxError` for invalid requests and hosts that cannot honour the
+    profile; everything the program does is in the report's verdict.
+    """
+    attributes = {k: v for k, v in (("purpose", purpose), ("language", language),
+                                    ("tenant", tenant)) if v is not None}
+    limits = {k: v for k, v in (
+        ("wall_time", wall_time), ("cpu_time", cpu_time), ("memory", memory), ("pids", pids),
+        ("fsize", fsize), ("open_files", open_files), ("stack", stack), ("output", output),
+        ("tmp_size", tmp_size), ("work_size", work_size)) if v is not None}
+    spec = resolve(Request(argv=list(argv), profile=profile, policy=policy, attributes=attributes,
+                           binds=[_as_bind(b) for b in binds], limits=limits, env=env or {}))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stdin_fd = _stdin_fd(stdin)
+    try:
+        with ours:
+            try:
+                _helper.submit(pickle.dumps(spec), [theirs.fileno(), stdin_fd])
+            finally:
+                theirs.close()
+                os.close(stdin_fd)
+            try:
+                result = helper.receive_result(ours)
+            except ConnectionError as e:
+                raise HostError(f"the box helper failed: {e}") from None
+    except OSError as e:
+        raise HostError(f"cannot reach the box helper: {e.strerror or e}") from None
+    if isinstance(result, SandboxError):
+        raise result
+    if not isinstance(result, Report):
+        raise HostError("the box helper sent an unexpected answer")
+    logs.log_run(result)
+    return result

@@ -1,0 +1,196 @@
+"""``sandbox``: the command line. Single-threaded, so it forks boxes directly (DESIGN.md §2).
+
+Exit codes (Docker's conventions): the program's own exit code; 128+N when it was killed by
+signal N (limits included); 125 for a sandbox or configuration error; 126 when the command cannot
+be executed; 127 when it is not found. ``profile``/``policy``/``doctor`` exit 0 or 1, or 125 on
+error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from .errors import EXIT_SANDBOX_ERROR, SandboxError
+from .spec import LIMIT_NAMES
+
+_LIMIT_FLAGS = {
+    "wall_time": "--wall-time", "cpu_time": "--cpu-time", "memory": "--memory",
+    "pids": "--pids", "fsize": "--fsize", "open_files": "--open-files", "stack": "--stack",
+    "output": "--output-limit", "tmp_size": "--tmp-size", "work_size": "--work-size",
+}
+_LIMIT_HELP = {
+    "wall_time": "seconds (2, 2.5s, 500ms)", "cpu_time": "seconds of CPU, all threads",
+    "memory": "bytes (64M, 1G)", "pids": "tasks (threads count)", "fsize": "largest file",
+    "open_files": "descriptors", "stack": "stack size", "output": "bytes per output stream",
+    "tmp_size": "size of /tmp", "work_size": "size of the work dir",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sandbox", description="Run untrusted programs safely.")
+    p.add_argument("--log-format", choices=("console", "json"), default="console")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning",
+                   help="'info' shows one box_finished event per run")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("exec", help="run a command in a box",
+                        usage="sandbox exec [options] -- CMD [ARG...]")
+    ex.add_argument("--profile", help="profile name or path (default: strict)")
+    ex.add_argument("--policy", help="policy file that selects the profile and sets ceilings")
+    for attribute in ("purpose", "language", "tenant"):
+        ex.add_argument(f"--{attribute}", help=f"request attribute for the policy's rules")
+    ex.add_argument("--bind", action="append", default=[], metavar="SRC:DST",
+                    help="bind a host path read-write")
+    ex.add_argument("--ro-bind", action="append", default=[], metavar="SRC:DST",
+                    help="bind a host path read-only")
+    ex.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    for name in LIMIT_NAMES:
+        ex.add_argument(_LIMIT_FLAGS[name], dest=name, metavar="N", help=_LIMIT_HELP[name])
+    ex.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
+
+    prof = sub.add_parser("profile", help="show, check or list profiles")
+    psub = prof.add_subparsers(dest="action", required=True)
+    psub.add_parser("show", help="print the resolved profile").add_argument("name")
+    psub.add_parser("check", help="validate a profile file").add_argument("file")
+    psub.add_parser("list", help="list the profiles on the search path")
+
+    pol = sub.add_parser("policy", help="explain or check a policy")
+    polsub = pol.add_subparsers(dest="action", required=True)
+    explain = polsub.add_parser("explain", help="which rule matches and the effective limits")
+    explain.add_argument("file")
+    for attribute in ("purpose", "language", "tenant"):
+        explain.add_argument(f"--{attribute}")
+    polsub.add_parser("check", help="validate a policy file").add_argument("file")
+
+    sub.add_parser("doctor", help="which guarantees hold on this host")
+    return p
+
+
+def _attributes(args: argparse.Namespace) -> dict[str, str]:
+    return {a: getattr(args, a) for a in ("purpose", "language", "tenant") if getattr(args, a)}
+
+
+def _write_atomically(path: str, text: str) -> None:
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(target)
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from . import logs
+    from .errors import ConfigError
+    from .request import Request, parse_bind, resolve
+    from .supervisor import FdSink, run_box
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise ConfigError("command line", None, "no command given",
+                          hint="usage: sandbox exec [options] -- CMD [ARG...]")
+    env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError("command line", "--env", f"expected NAME=VALUE, got {item!r}")
+        env[name] = value
+    request = Request(
+        argv=cmd, profile=args.profile, policy=args.policy, attributes=_attributes(args),
+        binds=[parse_bind(b, True) for b in args.bind]
+        + [parse_bind(b, False) for b in args.ro_bind],
+        limits={n: getattr(args, n) for n in LIMIT_NAMES if getattr(args, n) is not None},
+        env=env,
+    )
+    spec = resolve(request)
+    for note in spec.clamped:
+        print(f"sandbox: clamped by policy: {note}", file=sys.stderr)
+    report = run_box(spec, 0, FdSink(1), FdSink(2))
+    logs.log_run(report)
+    if args.report:
+        _write_atomically(args.report, report.to_json())
+    if report.error:
+        print(f"sandbox: {report.error}", file=sys.stderr)
+    return report.cli_exit_code()
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from .profiles import list_profiles, load_profile
+
+    if args.action == "list":
+        for name in list_profiles():
+            print(name)
+        return 0
+    target = args.name if args.action == "show" else args.file
+    if args.action == "check" and "/" not in target:
+        target = f"./{target}"
+    profile = load_profile(target)
+    if args.action == "check":
+        print(f"{profile.source}: ok ({profile.content_hash})")
+        return 0
+    data = asdict(profile)
+    data["seccomp"]["rules"] = [
+        {**r, "syscalls": list(r["syscalls"])} for r in data["seccomp"]["rules"]
+    ]
+    print(json.dumps(data, indent=2, default=str))
+    return 0
+
+
+def _policy(args: argparse.Namespace) -> int:
+    from .policy import load_policy
+    from .profiles import load_profile
+    from .request import clamp
+
+    policy = load_policy(args.file)
+    if args.action == "check":
+        print(f"{policy.source}: ok ({len(policy.rules)} rules)")
+        return 0
+    name, why = policy.select(_attributes(args))
+    profile = load_profile(name)
+    limits, notes = clamp(profile.limits, policy)
+    print(f"profile: {name} (matched by {why})")
+    print(f"profile file: {profile.source}")
+    print("effective limits:")
+    for limit in LIMIT_NAMES:
+        print(f"  {limit}: {getattr(limits, limit)}")
+    for note in notes:
+        print(f"  clamped {note}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sandbox`` console script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from . import logs
+
+    logs.configure(args.log_format, args.log_level)
+    try:
+        if args.command == "exec":
+            return _exec(args)
+        if args.command == "profile":
+            return _profile(args)
+        if args.command == "policy":
+            return _policy(args)
+        from .doctor import run_doctor
+
+        return run_doctor()
+    except SandboxError as e:
+        print(f"sandbox: error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"sandbox: hint: {e.hint}", file=sys.stderr)
+        return EXIT_SANDBOX_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # never a traceback for a user; SANDBOX_DEBUG=1 shows it
+        if os.environ.get("SANDBOX_DEBUG"):
+            raise
+        print(f"sandbox: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        print("sandbox: hint: rerun with SANDBOX_DEBUG=1 and report the traceback",
+              file=sys.stderr)
+        return EXIT_SANDBOX_ERROR
