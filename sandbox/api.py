@@ -46,10 +46,16 @@ class _Helper:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", "from sandbox.helper import main; main()",
-                 str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                cwd="/", env={**os.environ, "PYTHONPATH": _package_root()},
+                [
+                    sys.executable,
+                    "-c",
+                    "from sandbox.helper import main; main()",
+                    str(theirs.fileno()),
+                ],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                cwd="/",
+                env={**os.environ, "PYTHONPATH": _package_root()},
             )
         self.control = ours
 
@@ -122,14 +128,38 @@ def run(
     :class:`~sandbox.errors.SandboxError` for invalid requests and hosts that cannot honour the
     profile; everything the program does is in the report's verdict.
     """
-    attributes = {k: v for k, v in (("purpose", purpose), ("language", language),
-                                    ("tenant", tenant)) if v is not None}
-    limits = {k: v for k, v in (
-        ("wall_time", wall_time), ("cpu_time", cpu_time), ("memory", memory), ("pids", pids),
-        ("fsize", fsize), ("open_files", open_files), ("stack", stack), ("output", output),
-        ("tmp_size", tmp_size), ("work_size", work_size)) if v is not None}
-    spec = resolve(Request(argv=list(argv), profile=profile, policy=policy, attributes=attributes,
-                           binds=[_as_bind(b) for b in binds], limits=limits, env=env or {}))
+    attributes = {
+        k: v
+        for k, v in (("purpose", purpose), ("language", language), ("tenant", tenant))
+        if v is not None
+    }
+    limits = {
+        k: v
+        for k, v in (
+            ("wall_time", wall_time),
+            ("cpu_time", cpu_time),
+            ("memory", memory),
+            ("pids", pids),
+            ("fsize", fsize),
+            ("open_files", open_files),
+            ("stack", stack),
+            ("output", output),
+            ("tmp_size", tmp_size),
+            ("work_size", work_size),
+        )
+        if v is not None
+    }
+    spec = resolve(
+        Request(
+            argv=list(argv),
+            profile=profile,
+            policy=policy,
+            attributes=attributes,
+            binds=[_as_bind(b) for b in binds],
+            limits=limits,
+            env=env or {},
+        )
+    )
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     stdin_fd = _stdin_fd(stdin)
     try:

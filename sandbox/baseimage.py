@@ -22,9 +22,19 @@ from .state import ensure_dir, state_dir
 
 HOST_TOP_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 ETC_ALLOWLIST = (
-    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "localtime", "os-release",
-    "debian_version", "mime.types", "java-17-openjdk", "java-21-openjdk", "ssl/openssl.cnf",
-    "gcc", "perl",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "alternatives",
+    "localtime",
+    "os-release",
+    "debian_version",
+    "mime.types",
+    "java-17-openjdk",
+    "java-21-openjdk",
+    "ssl/openssl.cnf",
+    "gcc",
+    "perl",
 )
 FORMAT_VERSION = "1"
 
@@ -77,9 +87,11 @@ def _copy_public(src: Path, dst: Path) -> None:
 
 def _write_etc(etc: Path, hostname: str, uid: int, gid: int) -> None:
     files = {
-        "passwd": (f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
-                   f"sandbox:x:{uid}:{gid}:sandbox:/box:/bin/sh\n"
-                   "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"),
+        "passwd": (
+            f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
+            f"sandbox:x:{uid}:{gid}:sandbox:/box:/bin/sh\n"
+            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ),
         "group": f"root:x:0:\nsandbox:x:{gid}:\nnogroup:x:65534:\n",
         "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{hostname}\n",
         "hostname": f"{hostname}\n",
@@ -96,14 +108,15 @@ def ensure_base_layer(hostname: str, uid: int, gid: int) -> BaseLayer:
     layers = ensure_dir(state_dir() / "layers")
     path = layers / f"base-{_fingerprint(hostname, uid, gid)}"
     host_binds = tuple(
-        f"/{top}" for top in HOST_TOP_DIRS
+        f"/{top}"
+        for top in HOST_TOP_DIRS
         if (Path("/") / top).is_dir() and not (Path("/") / top).is_symlink()
     )
     if path.is_dir():
         return BaseLayer(path, host_binds)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=layers))
     try:
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o755)  # noqa: S103 - every box's host id must read the layer
         for top in HOST_TOP_DIRS:
             host = Path("/") / top
             if host.is_symlink():

@@ -199,6 +199,8 @@ class CgroupV2:
 
     def __init__(self, parent: Path) -> None:
         self.parent = parent
+        if not os.access(parent, os.W_OK):
+            raise HostError(f"cannot create cgroups in {parent}: not writable")
         available = _read(parent / "cgroup.controllers").split()
         missing = [c for c in ("memory", "pids") if c not in available]
         if missing:
@@ -325,9 +327,13 @@ class CgroupV1:
         for ctl, parent in parents.items():
             try:
                 parent.mkdir(exist_ok=True)
+                if not os.access(parent, os.W_OK):
+                    raise PermissionError(errno.EACCES, "not writable")
             except OSError as e:
-                raise HostError(f"cannot create {parent} for the {ctl} controller: {e.strerror}",
-                                hint="run as root, or use a host with cgroup v2 delegation") from None
+                raise HostError(
+                    f"cannot create cgroups in {parent} ({ctl}): {e.strerror}",
+                    hint="run as root, or use a host with cgroup v2 delegation",
+                ) from None
         self._remove_stale()
 
     @classmethod
@@ -348,7 +354,6 @@ class CgroupV1:
         name = _box_name()
         paths = {c: p / name for c, p in self.parents.items()}
         created: dict[str, Path] = {}
-        box = V1Box(created)
         try:
             for ctl, path in paths.items():
                 path.mkdir()
@@ -384,5 +389,8 @@ def detect() -> CgroupBackend:
             return CgroupV1.under_own_cgroups(v1_mounts, own)
         except (HostError, OSError) as e:
             reasons.append(f"v1: {e}")
-    raise HostError("no usable cgroup hierarchy (" + "; ".join(reasons or ["none mounted"]) + ")",
-                    hint="run as root, or delegate a cgroup v2 subtree (see `sandbox doctor`)")
+    raise HostError(
+        "no usable cgroup hierarchy (" + "; ".join(reasons or ["none mounted"]) + ")",
+        hint="run as root, set SANDBOX_CGROUP_ROOT to a delegated cgroup v2 subtree, "
+        'or allow `fallback = "rlimit"` in the profile',
+    )

@@ -20,6 +20,7 @@ tests can check it with a recording kernel. Rules this code keeps (DESIGN.md §1
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -34,7 +35,10 @@ from .spec import NetworkMode
 
 NAMESPACES = (
     kernel.CLONE_NEWUSER  # first: the others are then owned by (and only admin-able from) it
-    | kernel.CLONE_NEWNS | kernel.CLONE_NEWPID | kernel.CLONE_NEWNET | kernel.CLONE_NEWIPC
+    | kernel.CLONE_NEWNS
+    | kernel.CLONE_NEWPID
+    | kernel.CLONE_NEWNET
+    | kernel.CLONE_NEWIPC
     | kernel.CLONE_NEWUTS
 )
 EXIT_SETUP_FAILED = 125
@@ -75,6 +79,7 @@ def _wait_for_go(plan: ChildPlan, phase: str) -> None:
 
 # --- setup process (A) -------------------------------------------------------------------
 
+
 def isolate_fds(k: KernelOps, plan: ChildPlan) -> None:
     """Keep only what the box needs: the caller's other fds must never reach it."""
     k.close_fds_except((*plan.stdio, plan.sync.fileno()))
@@ -101,11 +106,15 @@ def await_id_maps(k: KernelOps, plan: ChildPlan) -> None:
 
 
 SETUP_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (
-    isolate_fds, drop_groups, unshare_namespaces, await_id_maps,
+    isolate_fds,
+    drop_groups,
+    unshare_namespaces,
+    await_id_maps,
 )
 
 
 # --- init process (B), pid 1 of the box --------------------------------------------------
+
 
 def die_with_parent(k: KernelOps, plan: ChildPlan) -> None:
     """SIGKILL when the setup process dies (it dies with the supervisor, the same way).
@@ -140,11 +149,16 @@ def protect_init(k: KernelOps, plan: ChildPlan) -> None:
 
 
 INIT_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (
-    die_with_parent, mount_root, set_hostname, set_up_network, protect_init,
+    die_with_parent,
+    mount_root,
+    set_hostname,
+    set_up_network,
+    protect_init,
 )
 
 
 # --- program process (C) -----------------------------------------------------------------
+
 
 def join_cgroup(k: KernelOps, plan: ChildPlan) -> None:
     """The supervisor moves this process (known from SCM_CREDENTIALS) into the box cgroup."""
@@ -196,23 +210,32 @@ def drop_capabilities(k: KernelOps, plan: ChildPlan) -> None:
 
 
 PROGRAM_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (
-    join_cgroup, unshare_cgroup, switch_ids, new_session, set_rlimits, set_stdio, close_fds,
-    no_new_privs, drop_capabilities,
+    join_cgroup,
+    unshare_cgroup,
+    switch_ids,
+    new_session,
+    set_rlimits,
+    set_stdio,
+    close_fds,
+    no_new_privs,
+    drop_capabilities,
 )
 #: The two steps after every phase above: the filter, then execve (see :func:`exec_program`).
 FINAL_STEPS = ("install_seccomp", "execve")
 
 
-def _run_phases(k: KernelOps, plan: ChildPlan,
-                phases: tuple[Callable[[KernelOps, ChildPlan], None], ...]) -> None:
+def _run_phases(
+    k: KernelOps, plan: ChildPlan, phases: tuple[Callable[[KernelOps, ChildPlan], None], ...]
+) -> None:
     for phase in phases:
         try:
             phase(k, plan)
         except PhaseError:
             raise
         except OSError as e:
-            raise PhaseError(phase.__name__, str(e.strerror or e), e.errno or 0,
-                             e.filename or "") from None
+            raise PhaseError(
+                phase.__name__, str(e.strerror or e), e.errno or 0, e.filename or ""
+            ) from None
         except Exception as e:  # report anything; this process must not unwind
             raise PhaseError(phase.__name__, type(e).__name__, 0, str(e)) from None
 
@@ -244,17 +267,21 @@ def exec_program(k: KernelOps, plan: ChildPlan) -> None:
         raise PhaseError("install_seccomp", "seccomp", e.errno or 0) from None
     protocol.send(plan.sync, protocol.EXEC, fds=(listener,) if plan.listener else ())
     try:
-        os.execve(path, plan.argv, plan.env)
+        k.execve(path, plan.argv, plan.env)
     except OSError as e:
         protocol.send(plan.sync, protocol.EXEC_ERROR, errno=e.errno or 0)
 
 
 def _report(plan: ChildPlan, e: PhaseError) -> None:
-    try:
-        protocol.send(plan.sync, protocol.SETUP_ERROR, phase=e.phase, op=e.op[:200],
-                      errno=e.err, detail=e.detail[:500])
-    except OSError:
-        pass  # the supervisor is gone; exiting is all that is left
+    with contextlib.suppress(OSError):  # the supervisor is gone: exiting is all that is left
+        protocol.send(
+            plan.sync,
+            protocol.SETUP_ERROR,
+            phase=e.phase,
+            op=e.op[:200],
+            errno=e.err,
+            detail=e.detail[:500],
+        )
 
 
 def _program(k: KernelOps, plan: ChildPlan) -> None:
@@ -287,7 +314,9 @@ def _setup(k: KernelOps, plan: ChildPlan) -> int:
     return os.waitstatus_to_exitcode(status) & 0xFF
 
 
-def _in_child(k: KernelOps, plan: ChildPlan, body: Callable[[KernelOps, ChildPlan], object]) -> None:
+def _in_child(
+    k: KernelOps, plan: ChildPlan, body: Callable[[KernelOps, ChildPlan], object]
+) -> None:
     """Run ``body`` in a freshly forked process and never return into the caller's stack."""
     code = EXIT_SETUP_FAILED
     try:
@@ -295,7 +324,7 @@ def _in_child(k: KernelOps, plan: ChildPlan, body: Callable[[KernelOps, ChildPla
         code = result if isinstance(result, int) else EXIT_SETUP_FAILED
     except PhaseError as e:
         _report(plan, e)
-    except BaseException as e:  # noqa: BLE001 - nothing may escape a forked child
+    except BaseException as e:
         _report(plan, PhaseError("child", type(e).__name__, 0, str(e)))
     finally:
         os._exit(code)

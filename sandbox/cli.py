@@ -20,35 +20,59 @@ from .errors import EXIT_SANDBOX_ERROR, SandboxError
 from .spec import LIMIT_NAMES
 
 _LIMIT_FLAGS = {
-    "wall_time": "--wall-time", "cpu_time": "--cpu-time", "memory": "--memory",
-    "pids": "--pids", "fsize": "--fsize", "open_files": "--open-files", "stack": "--stack",
-    "output": "--output-limit", "tmp_size": "--tmp-size", "work_size": "--work-size",
+    "wall_time": "--wall-time",
+    "cpu_time": "--cpu-time",
+    "memory": "--memory",
+    "pids": "--pids",
+    "fsize": "--fsize",
+    "open_files": "--open-files",
+    "stack": "--stack",
+    "output": "--output-limit",
+    "tmp_size": "--tmp-size",
+    "work_size": "--work-size",
 }
 _LIMIT_HELP = {
-    "wall_time": "seconds (2, 2.5s, 500ms)", "cpu_time": "seconds of CPU, all threads",
-    "memory": "bytes (64M, 1G)", "pids": "tasks (threads count)", "fsize": "largest file",
-    "open_files": "descriptors", "stack": "stack size", "output": "bytes per output stream",
-    "tmp_size": "size of /tmp", "work_size": "size of the work dir",
+    "wall_time": "seconds (2, 2.5s, 500ms)",
+    "cpu_time": "seconds of CPU, all threads",
+    "memory": "bytes (64M, 1G)",
+    "pids": "tasks (threads count)",
+    "fsize": "largest file",
+    "open_files": "descriptors",
+    "stack": "stack size",
+    "output": "bytes per output stream",
+    "tmp_size": "size of /tmp",
+    "work_size": "size of the work dir",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sandbox", description="Run untrusted programs safely.")
     p.add_argument("--log-format", choices=("console", "json"), default="console")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning",
-                   help="'info' shows one box_finished event per run")
+    p.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="warning",
+        help="'info' shows one box_finished event per run",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    ex = sub.add_parser("exec", help="run a command in a box",
-                        usage="sandbox exec [options] -- CMD [ARG...]")
+    ex = sub.add_parser(
+        "exec", help="run a command in a box", usage="sandbox exec [options] -- CMD [ARG...]"
+    )
     ex.add_argument("--profile", help="profile name or path (default: strict)")
     ex.add_argument("--policy", help="policy file that selects the profile and sets ceilings")
     for attribute in ("purpose", "language", "tenant"):
-        ex.add_argument(f"--{attribute}", help=f"request attribute for the policy's rules")
-    ex.add_argument("--bind", action="append", default=[], metavar="SRC:DST",
-                    help="bind a host path read-write")
-    ex.add_argument("--ro-bind", action="append", default=[], metavar="SRC:DST",
-                    help="bind a host path read-only")
+        ex.add_argument(f"--{attribute}", help="request attribute for the policy's rules")
+    ex.add_argument(
+        "--bind", action="append", default=[], metavar="SRC:DST", help="bind a host path read-write"
+    )
+    ex.add_argument(
+        "--ro-bind",
+        action="append",
+        default=[],
+        metavar="SRC:DST",
+        help="bind a host path read-only",
+    )
     ex.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     for name in LIMIT_NAMES:
         ex.add_argument(_LIMIT_FLAGS[name], dest=name, metavar="N", help=_LIMIT_HELP[name])
@@ -92,8 +116,12 @@ def _exec(args: argparse.Namespace) -> int:
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
-        raise ConfigError("command line", None, "no command given",
-                          hint="usage: sandbox exec [options] -- CMD [ARG...]")
+        raise ConfigError(
+            "command line",
+            None,
+            "no command given",
+            hint="usage: sandbox exec [options] -- CMD [ARG...]",
+        )
     env = {}
     for item in args.env:
         name, sep, value = item.partition("=")
@@ -101,7 +129,10 @@ def _exec(args: argparse.Namespace) -> int:
             raise ConfigError("command line", "--env", f"expected NAME=VALUE, got {item!r}")
         env[name] = value
     request = Request(
-        argv=cmd, profile=args.profile, policy=args.policy, attributes=_attributes(args),
+        argv=cmd,
+        profile=args.profile,
+        policy=args.policy,
+        attributes=_attributes(args),
         binds=[parse_bind(b, True) for b in args.bind]
         + [parse_bind(b, False) for b in args.ro_bind],
         limits={n: getattr(args, n) for n in LIMIT_NAMES if getattr(args, n) is not None},
@@ -191,6 +222,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("SANDBOX_DEBUG"):
             raise
         print(f"sandbox: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        print("sandbox: hint: rerun with SANDBOX_DEBUG=1 and report the traceback",
-              file=sys.stderr)
+        print("sandbox: hint: rerun with SANDBOX_DEBUG=1 and report the traceback", file=sys.stderr)
         return EXIT_SANDBOX_ERROR

@@ -2,15 +2,15 @@
 
 Program outcomes (a crash, a time limit, a forbidden syscall) are never exceptions: they are the
 verdict of a :class:`sandbox.report.Report`, and so is a box that failed during its own setup
-(verdict ``sandbox_error``, with the phase and errno in ``Report.error``). Only failures of the sandbox itself raise, and every
-one of them derives from :class:`SandboxError` so a caller can catch them in one place.
+(verdict ``sandbox_error``, with the phase and errno in ``Report.error``). Only failures of the
+sandbox itself raise (before the box starts), and every one of them derives from :class:`SandboxError` so a caller can catch them in one place.
 
-=====================  ===============================================================  =========
-class                  raised when                                                      CLI exit
-=====================  ===============================================================  =========
-``ConfigError``        a profile, policy or request is invalid (names file and key)     125
-``HostError``          this host cannot give a guarantee the profile demands            125
-=====================  ===============================================================  =========
+=================  =============================================================  ========
+class              raised when                                                    CLI exit
+=================  =============================================================  ========
+``ConfigError``    a profile, policy or request is invalid (names file and key)   125
+``HostError``      this host cannot give a guarantee the profile demands          125
+=================  =============================================================  ========
 """
 
 from __future__ import annotations
@@ -48,4 +48,3 @@ class ConfigError(SandboxError):
 
 class HostError(SandboxError):
     """This host cannot enforce something the profile demands (the run is refused)."""
-

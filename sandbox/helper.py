@@ -11,6 +11,7 @@ The helper exits when the library closes the control socket.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -59,10 +60,8 @@ def _serve_one(spec: Spec, conn: socket.socket, stdin_fd: int) -> None:
         result = e
     except Exception as e:  # any other failure still reaches the caller, as an error
         result = SandboxError(f"internal error in the box helper: {type(e).__name__}: {e}")
-    try:
+    with contextlib.suppress(OSError):  # the caller went away
         send_result(conn, result)
-    except OSError:
-        pass  # the caller went away
 
 
 def serve(control: socket.socket) -> None:

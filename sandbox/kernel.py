@@ -64,8 +64,12 @@ _IFF_UP = 0x1
 
 
 class _MountAttr(ctypes.Structure):
-    _fields_ = (("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64))
+    _fields_ = (
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    )
 
 
 class _SockFprog(ctypes.Structure):
@@ -77,8 +81,11 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = (("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32))
+    _fields_ = (
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    )
 
 
 def _check(result: int, what: str) -> int:
@@ -98,8 +105,14 @@ class KernelOps(Protocol):
     def set_fsids(self, uid: int, gid: int) -> None: ...
     def set_pdeathsig(self, sig: int) -> None: ...
     def set_dumpable(self, dumpable: bool) -> None: ...
-    def mount(self, source: str | None, target: str, fstype: str | None, flags: int,
-              data: str | None = None) -> None: ...
+    def mount(
+        self,
+        source: str | None,
+        target: str,
+        fstype: str | None,
+        flags: int,
+        data: str | None = None,
+    ) -> None: ...
     def mount_setattr(self, path: str, attr_set: int, *, recursive: bool) -> None: ...
     def pivot_root(self, new_root: str, put_old: str) -> None: ...
     def umount2(self, target: str, flags: int) -> None: ...
@@ -113,6 +126,7 @@ class KernelOps(Protocol):
     def drop_capabilities(self) -> None: ...
     def install_seccomp(self, bpf: bytes, *, listener: bool) -> int: ...
     def chdir(self, path: str) -> None: ...
+    def execve(self, path: str, argv: tuple[str, ...], env: dict[str, str]) -> None: ...
 
 
 class Kernel:
@@ -143,19 +157,39 @@ class Kernel:
     def set_dumpable(self, dumpable: bool) -> None:
         prctl.set_dumpable(dumpable)
 
-    def mount(self, source: str | None, target: str, fstype: str | None, flags: int,
-              data: str | None = None) -> None:
-        _check(_libc.mount(
-            source.encode() if source is not None else None, target.encode(),
-            fstype.encode() if fstype is not None else None, ctypes.c_ulong(flags),
-            data.encode() if data is not None else None,
-        ), f"mount {target}")
+    def mount(
+        self,
+        source: str | None,
+        target: str,
+        fstype: str | None,
+        flags: int,
+        data: str | None = None,
+    ) -> None:
+        _check(
+            _libc.mount(
+                source.encode() if source is not None else None,
+                target.encode(),
+                fstype.encode() if fstype is not None else None,
+                ctypes.c_ulong(flags),
+                data.encode() if data is not None else None,
+            ),
+            f"mount {target}",
+        )
 
     def mount_setattr(self, path: str, attr_set: int, *, recursive: bool) -> None:
         attr = _MountAttr(attr_set, 0, 0, 0)
         flags = AT_RECURSIVE if recursive else 0
-        _check(_libc.syscall(SYS_MOUNT_SETATTR, -100, path.encode(), flags, ctypes.byref(attr),
-                             ctypes.sizeof(attr)), f"mount_setattr {path}")
+        _check(
+            _libc.syscall(
+                SYS_MOUNT_SETATTR,
+                -100,
+                path.encode(),
+                flags,
+                ctypes.byref(attr),
+                ctypes.sizeof(attr),
+            ),
+            f"mount_setattr {path}",
+        )
 
     def pivot_root(self, new_root: str, put_old: str) -> None:
         _check(_libc.syscall(SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root")
@@ -202,8 +236,11 @@ class Kernel:
         for cap in range(prctl.CAP_LAST_CAP + 1):
             prctl.capbset.drop(cap)
         prctl.set_securebits(
-            prctl.SECURE_NOROOT | prctl.SECURE_NOROOT_LOCKED | prctl.SECURE_NO_SETUID_FIXUP
-            | prctl.SECURE_NO_SETUID_FIXUP_LOCKED | prctl.SECURE_KEEP_CAPS_LOCKED
+            prctl.SECURE_NOROOT
+            | prctl.SECURE_NOROOT_LOCKED
+            | prctl.SECURE_NO_SETUID_FIXUP
+            | prctl.SECURE_NO_SETUID_FIXUP_LOCKED
+            | prctl.SECURE_KEEP_CAPS_LOCKED
         )
         header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
         data = (_CapData * 2)()
@@ -213,9 +250,13 @@ class Kernel:
         buf = ctypes.create_string_buffer(bpf, len(bpf))
         prog = _SockFprog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
         flags = SECCOMP_FILTER_FLAG_NEW_LISTENER if listener else 0
-        return _check(_libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, flags,
-                                    ctypes.byref(prog)), "seccomp")
+        return _check(
+            _libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(prog)),
+            "seccomp",
+        )
 
     def chdir(self, path: str) -> None:
         os.chdir(path)
 
+    def execve(self, path: str, argv: tuple[str, ...], env: dict[str, str]) -> None:
+        os.execve(path, argv, env)  # noqa: S606 - argv as given, never through a shell

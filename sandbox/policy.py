@@ -53,8 +53,11 @@ class Policy:
         """(profile name, why) for a request's attributes."""
         for attribute, value in attributes.items():
             if attribute not in ATTRIBUTES:
-                raise ConfigError(self.source, attribute, "unknown request attribute (expected "
-                                  + ", ".join(ATTRIBUTES) + ")")
+                raise ConfigError(
+                    self.source,
+                    attribute,
+                    "unknown request attribute (expected " + ", ".join(ATTRIBUTES) + ")",
+                )
             if not _VALUE.match(value):
                 raise ConfigError("request", attribute, f"invalid value {value!r}")
         for rule in self.rules:
@@ -62,8 +65,9 @@ class Policy:
                 return rule.profile, f"rule {rule.name!r}"
         if self.default_profile is None:
             shown = ", ".join(f"{k}={v}" for k, v in attributes.items()) or "no attributes"
-            raise ConfigError(self.source, "rule", f"no rule matches ({shown}) and there is no "
-                              "default_profile")
+            raise ConfigError(
+                self.source, "rule", f"no rule matches ({shown}) and there is no default_profile"
+            )
         return self.default_profile, "default_profile"
 
 
@@ -93,8 +97,11 @@ def load_policy(path: str | Path) -> Policy:
                 value = r[attribute]
                 values = value if isinstance(value, list) else [value]
                 if not values or not all(isinstance(v, str) and _VALUE.match(v) for v in values):
-                    raise ConfigError(source, f"{key}.{attribute}",
-                                      "expected a name or a non-empty array of names")
+                    raise ConfigError(
+                        source,
+                        f"{key}.{attribute}",
+                        "expected a name or a non-empty array of names",
+                    )
                 match.append((attribute, tuple(values)))
         name = r.get("name", key)
         if not isinstance(name, str):
@@ -112,8 +119,9 @@ def load_policy(path: str | Path) -> Policy:
     try:
         networks = tuple(NetworkMode(n) for n in networks_raw)
     except (ValueError, TypeError):
-        raise ConfigError(source, "allow.networks", "expected an array of 'none', 'loopback'"
-                          ) from None
+        raise ConfigError(
+            source, "allow.networks", "expected an array of 'none', 'loopback'"
+        ) from None
     flags = {}
     for key, default_value in (("binds", True), ("writable_binds", False)):
         flags[key] = allow.get(key, default_value)
@@ -122,13 +130,22 @@ def load_policy(path: str | Path) -> Policy:
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise ConfigError(source, "description", "expected a string")
-    return Policy(source, description, default, tuple(rules), tuple(sorted(ceilings.items())),
-                  networks, flags["binds"], flags["writable_binds"])
+    return Policy(
+        source,
+        description,
+        default,
+        tuple(rules),
+        tuple(sorted(ceilings.items())),
+        networks,
+        flags["binds"],
+        flags["writable_binds"],
+    )
 
 
 def _known(table: dict[str, Any], allowed: set[str], source: str, prefix: str) -> None:
     for key in table:
         if key not in allowed:
             where = f"{prefix}.{key}" if prefix else key
-            raise ConfigError(source, where, "unknown key (expected one of "
-                              + ", ".join(sorted(allowed)) + ")")
+            raise ConfigError(
+                source, where, "unknown key (expected one of " + ", ".join(sorted(allowed)) + ")"
+            )

@@ -70,14 +70,18 @@ def find_profile(name_or_path: str, *, relative_to: Path | None = None) -> Path:
             raise ConfigError(name_or_path, None, "no such profile file")
         return path
     if not _NAME.match(name_or_path):
-        raise ConfigError(name_or_path, None, "a profile name is lower-case letters, digits, - and _")
+        raise ConfigError(
+            name_or_path, None, "a profile name is lower-case letters, digits, - and _"
+        )
     dirs = ([relative_to] if relative_to else []) + search_path()
     for directory in dirs:
         candidate = directory / f"{name_or_path}.toml"
         if candidate.is_file():
             return candidate
     raise ConfigError(
-        name_or_path, None, "no such profile",
+        name_or_path,
+        None,
+        "no such profile",
         hint="profiles are looked up in " + ", ".join(str(d) for d in dirs),
     )
 
@@ -150,13 +154,15 @@ class _Validator:
         for k in value:
             if k not in allowed:
                 prefix = f"{key}." if key else ""
-                raise self.fail(f"{prefix}{k}", "unknown key (expected one of "
-                                + ", ".join(sorted(allowed)) + ")")
+                raise self.fail(
+                    f"{prefix}{k}",
+                    "unknown key (expected one of " + ", ".join(sorted(allowed)) + ")",
+                )
         return value
 
     def typed(self, table: dict[str, Any], key: str, kind: type[_T], default: _T, path: str) -> _T:
         value = table.get(key, default)
-        if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
             raise self.fail(path, f"expected {kind.__name__}, got {value!r}")
         return value
 
@@ -171,26 +177,40 @@ class _Validator:
         gid = self.typed(box, "gid", int, 1000, "box.gid")
         for key, value in (("box.uid", uid), ("box.gid", gid)):
             if not 1 <= value < 65534:
-                raise self.fail(key, "expected an id from 1 to 65533 (never 0: the box is not root)")
-        workdir = self.abspath(self.typed(box, "workdir", str, "/box", "box.workdir"), "box.workdir")
+                raise self.fail(
+                    key, "expected an id from 1 to 65533 (never 0: the box is not root)"
+                )
+        workdir = self.abspath(
+            self.typed(box, "workdir", str, "/box", "box.workdir"), "box.workdir"
+        )
         env = self.environment(top.get("env", {}))
         limits, fallback = self.limits(top.get("limits", {}))
         binds = tuple(self.bind(b, f"bind[{i}]") for i, b in enumerate(self.array(top, "bind")))
         return Profile(
-            name=name, source=self.source, content_hash=digest,
+            name=name,
+            source=self.source,
+            content_hash=digest,
             description=self.typed(top, "description", str, "", "description"),
-            hostname=hostname, network=network, uid=uid, gid=gid, workdir=workdir,
+            hostname=hostname,
+            network=network,
+            uid=uid,
+            gid=gid,
+            workdir=workdir,
             noexec_tmp=self.typed(box, "noexec_tmp", bool, False, "box.noexec_tmp"),
-            env=env, limits=limits, fallback=fallback,
-            seccomp=self.seccomp(top.get("seccomp", {})), binds=binds,
+            env=env,
+            limits=limits,
+            fallback=fallback,
+            seccomp=self.seccomp(top.get("seccomp", {})),
+            binds=binds,
         )
 
     def enum(self, value: object, kind: type[_E], key: str) -> _E:
-        try:
-            return kind(value)
-        except ValueError:
-            choices = ", ".join(repr(m.value) for m in kind)
-            raise self.fail(key, f"expected one of {choices}, got {value!r}") from None
+        if isinstance(value, str):
+            for member in kind:
+                if member.value == value:
+                    return member
+        choices = ", ".join(repr(m.value) for m in kind)
+        raise self.fail(key, f"expected one of {choices}, got {value!r}")
 
     def abspath(self, value: str, key: str) -> str:
         if not value.startswith("/") or "\0" in value or ".." in value.split("/"):
@@ -205,11 +225,11 @@ class _Validator:
 
     def environment(self, value: object) -> tuple[tuple[str, str], ...]:
         if not isinstance(value, dict):
-            raise self.fail("env", "expected a table of NAME = \"value\"")
+            raise self.fail("env", 'expected a table of NAME = "value"')
         out = []
         for k, v in value.items():
             if not _ENV_NAME.match(k) or not isinstance(v, str) or "\0" in v:
-                raise self.fail(f"env.{k}", "expected NAME = \"string value\"")
+                raise self.fail(f"env.{k}", 'expected NAME = "string value"')
             out.append((k, v))
         return tuple(out)
 
@@ -229,7 +249,9 @@ class _Validator:
         source = self.typed(table, "source", str, "", f"{key}.source")
         if not source.startswith("/"):
             raise self.fail(f"{key}.source", "expected an absolute host path")
-        target = self.abspath(self.typed(table, "target", str, "", f"{key}.target"), f"{key}.target")
+        target = self.abspath(
+            self.typed(table, "target", str, "", f"{key}.target"), f"{key}.target"
+        )
         return Bind(source, target, self.typed(table, "writable", bool, False, f"{key}.writable"))
 
     def errno_value(self, value: object, key: str) -> int:
@@ -243,7 +265,9 @@ class _Validator:
         default = self.enum(table.get("default", "kill"), SeccompAction, "seccomp.default")
         if default is SeccompAction.ALLOW:
             raise self.fail("seccomp.default", "an allowlist cannot default to 'allow'")
-        default_errno = self.errno_value(table.get("default_errno", "EPERM"), "seccomp.default_errno")
+        default_errno = self.errno_value(
+            table.get("default_errno", "EPERM"), "seccomp.default_errno"
+        )
         rules = []
         allow = self.array(table, "allow")
         if not all(isinstance(n, str) for n in allow):
@@ -251,23 +275,33 @@ class _Validator:
         try:
             rules.append(SeccompRule(syscall_groups.expand(allow), SeccompAction.ALLOW))
         except KeyError as e:
-            raise self.fail("seccomp.allow", f"unknown syscall group {e.args[0]!r}; known: "
-                            + ", ".join(sorted(syscall_groups.GROUPS))) from None
+            raise self.fail(
+                "seccomp.allow",
+                f"unknown syscall group {e.args[0]!r}; known: "
+                + ", ".join(sorted(syscall_groups.GROUPS)),
+            ) from None
         for i, raw_rule in enumerate(self.array(table, "rule")):
             rules.append(self.rule(raw_rule, f"seccomp.rule[{i}]"))
         families = []
-        for fam in self.array(table, "socket_families") if "socket_families" in table else [
-            "unix", "inet", "inet6"
-        ]:
+        for fam in (
+            self.array(table, "socket_families")
+            if "socket_families" in table
+            else ["unix", "inet", "inet6"]
+        ):
             if fam not in SOCKET_FAMILIES:
-                raise self.fail("seccomp.socket_families",
-                                f"expected names from {sorted(SOCKET_FAMILIES)}, got {fam!r}")
+                raise self.fail(
+                    "seccomp.socket_families",
+                    f"expected names from {sorted(SOCKET_FAMILIES)}, got {fam!r}",
+                )
             families.append(int(SOCKET_FAMILIES[fam]))
         policy = SeccompPolicy(
-            default=default, default_errno=default_errno, rules=tuple(rules),
+            default=default,
+            default_errno=default_errno,
+            rules=tuple(rules),
             socket_families=tuple(families),
-            allow_namespace_clone=self.typed(table, "namespace_clone", bool, False,
-                                             "seccomp.namespace_clone"),
+            allow_namespace_clone=self.typed(
+                table, "namespace_clone", bool, False, "seccomp.namespace_clone"
+            ),
         )
         from .seccomp import unknown_syscalls  # late: keeps libseccomp off the import path
 
@@ -303,12 +337,14 @@ class _Validator:
             op = t.get("op", "eq")
             if op not in ("eq", "ne"):
                 raise self.fail(f"{akey}.op", "expected 'eq' or 'ne'")
-            conditions.append(ArgCondition(
-                index=index,
-                value=self.typed(t, "value", int, 0, f"{akey}.value"),
-                mask=self.typed(t, "mask", int, 0xFFFF_FFFF_FFFF_FFFF, f"{akey}.mask"),
-                equal=op == "eq",
-            ))
+            conditions.append(
+                ArgCondition(
+                    index=index,
+                    value=self.typed(t, "value", int, 0, f"{akey}.value"),
+                    mask=self.typed(t, "mask", int, 0xFFFF_FFFF_FFFF_FFFF, f"{akey}.mask"),
+                    equal=op == "eq",
+                )
+            )
         return SeccompRule(syscalls, action, err, tuple(conditions))
 
 

@@ -15,12 +15,12 @@ import struct
 from dataclasses import dataclass, field
 
 # Child -> supervisor.
-UNSHARED = "unshared"      # namespaces exist: write the id maps
-ATTACH = "attach"          # the program's process asks to be put in the box's cgroup
-EXEC = "exec"              # execve is next; may carry the seccomp listener fd
-SETUP_ERROR = "error"      # a phase failed: phase, op, errno, detail
+UNSHARED = "unshared"  # namespaces exist: write the id maps
+ATTACH = "attach"  # the program's process asks to be put in the box's cgroup
+EXEC = "exec"  # execve is next; may carry the seccomp listener fd
+SETUP_ERROR = "error"  # a phase failed: phase, op, errno, detail
 EXEC_ERROR = "exec_error"  # execve failed: errno
-EXITED = "exit"            # the program's wait status, from the box's init
+EXITED = "exit"  # the program's wait status, from the box's init
 # Supervisor -> child.
 GO = "go"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from .errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SANDBOX_ERROR
@@ -13,7 +13,7 @@ from .errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SANDBOX_ERROR
 SCHEMA_VERSION = 1
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     """How the run ended, from the program's point of view (``sandbox_error``: ours)."""
 
     OK = "ok"

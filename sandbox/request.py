@@ -38,8 +38,9 @@ def parse_bind(text: str, writable: bool) -> Bind:
     """``SRC:DST`` from the command line (SRC relative to the current directory)."""
     source, sep, target = text.partition(":")
     if not sep or not source or not target:
-        raise ConfigError("request", "--bind" if writable else "--ro-bind",
-                          f"expected SRC:DST, got {text!r}")
+        raise ConfigError(
+            "request", "--bind" if writable else "--ro-bind", f"expected SRC:DST, got {text!r}"
+        )
     return Bind(str(Path(source).absolute()), target, writable)
 
 
@@ -67,28 +68,43 @@ def resolve(request: Request) -> Spec:
     if policy is not None:
         chosen, _ = policy.select(attributes)
         if request.profile is not None and request.profile != chosen:
-            raise ConfigError(policy.source, "rule",
-                              f"the policy selects profile {chosen!r}, not {request.profile!r}")
+            raise ConfigError(
+                policy.source,
+                "rule",
+                f"the policy selects profile {chosen!r}, not {request.profile!r}",
+            )
         profile = load_profile(chosen)
     else:
         profile = load_profile(request.profile or DEFAULT_PROFILE)
-    overrides = parse_limits(dict(request.limits),
-                             lambda key, problem: ConfigError("request", key, problem))
+    overrides = parse_limits(
+        dict(request.limits), lambda key, problem: ConfigError("request", key, problem)
+    )
     limits, clamped = clamp(profile.limits.merged(**overrides), policy)
     binds = tuple(request.binds)
     if policy is not None:
         if profile.network not in policy.networks:
-            raise ConfigError(policy.source, "allow.networks",
-                              f"profile {profile.name!r} asks for network "
-                              f"{profile.network.value!r}, which this policy does not allow")
+            raise ConfigError(
+                policy.source,
+                "allow.networks",
+                f"profile {profile.name!r} asks for network "
+                f"{profile.network.value!r}, which this policy does not allow",
+            )
         if binds and not policy.binds:
             raise ConfigError(policy.source, "allow.binds", "this policy allows no binds")
         if any(b.writable for b in binds) and not policy.writable_binds:
-            raise ConfigError(policy.source, "allow.writable_binds",
-                              "this policy allows read-only binds only (use --ro-bind)")
+            raise ConfigError(
+                policy.source,
+                "allow.writable_binds",
+                "this policy allows read-only binds only (use --ro-bind)",
+            )
     for key, value in request.env.items():
         if not _ENV_NAME.match(key) or not isinstance(value, str) or "\0" in value:
             raise ConfigError("request", f"env.{key}", "expected NAME=value without NUL bytes")
-    return Spec(profile=profile, argv=argv, limits=limits, binds=binds,
-                env=tuple(request.env.items()), clamped=clamped)
-
+    return Spec(
+        profile=profile,
+        argv=argv,
+        limits=limits,
+        binds=binds,
+        env=tuple(request.env.items()),
+        clamped=clamped,
+    )

@@ -46,12 +46,27 @@ from .spec import Bind, Spec
 #: invisible to the host; /tmp exists on every Linux host and is traversable by any uid.
 STAGE = "/tmp"
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
-             ("shm", "/tmp"))
+DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("shm", "/tmp"),
+)
 # Docker's default masks (moby oci/defaults.go): hidden files get /dev/null, dirs an empty tmpfs.
-PROC_MASKED = ("acpi", "asound", "interrupts", "kcore", "keys", "latency_stats", "timer_list",
-               "timer_stats", "sched_debug", "scsi", "sysrq-trigger")
+PROC_MASKED = (
+    "acpi",
+    "asound",
+    "interrupts",
+    "kcore",
+    "keys",
+    "latency_stats",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "scsi",
+    "sysrq-trigger",
+)
 PROC_READONLY = ("bus", "fs", "irq", "sys")
 
 
@@ -83,19 +98,26 @@ def _check_source(bind: Bind, source_name: str) -> MountSource:
     try:
         st = os.stat(bind.source)
     except OSError as e:
-        raise ConfigError(source_name, f"bind {bind.source}:{bind.target}",
-                          f"cannot use the source: {e.strerror}") from None
-    return MountSource(os.path.realpath(bind.source), bind.target, bind.writable,
-                       stat.S_ISDIR(st.st_mode))
+        raise ConfigError(
+            source_name, f"bind {bind.source}:{bind.target}", f"cannot use the source: {e.strerror}"
+        ) from None
+    return MountSource(
+        os.path.realpath(bind.source), bind.target, bind.writable, stat.S_ISDIR(st.st_mode)
+    )
 
 
 def _check_target(bind: Bind, source_name: str) -> None:
     target = os.path.normpath(bind.target)
-    if not target.startswith("/") or target in ("/", "/proc", "/dev") or any(
-        target.startswith(p) for p in ("/proc/", "/dev/")
+    if (
+        not target.startswith("/")
+        or target in ("/", "/proc", "/dev")
+        or any(target.startswith(p) for p in ("/proc/", "/dev/"))
     ):
-        raise ConfigError(source_name, f"bind {bind.source}:{bind.target}",
-                          "the target must be an absolute path outside /, /proc and /dev")
+        raise ConfigError(
+            source_name,
+            f"bind {bind.source}:{bind.target}",
+            "the target must be an absolute path outside /, /proc and /dev",
+        )
 
 
 def plan_root(spec: Spec) -> RootPlan:
@@ -108,9 +130,14 @@ def plan_root(spec: Spec) -> RootPlan:
         _check_target(bind, source)
         binds.append(_check_source(bind, source))
     return RootPlan(
-        layers=(str(base.path),), binds=tuple(binds), tmp_size=spec.limits.tmp_size,
-        work_size=spec.limits.work_size, workdir=profile.workdir, noexec_tmp=profile.noexec_tmp,
-        uid=profile.uid, gid=profile.gid,
+        layers=(str(base.path),),
+        binds=tuple(binds),
+        tmp_size=spec.limits.tmp_size,
+        work_size=spec.limits.work_size,
+        workdir=profile.workdir,
+        noexec_tmp=profile.noexec_tmp,
+        uid=profile.uid,
+        gid=profile.gid,
     )
 
 
@@ -149,8 +176,13 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
         os.mkdir(f"{STAGE}/{name}", 0o755)
     root = f"{STAGE}/root"
     lowers = ":".join(f"/proc/self/fd/{fd}" for fd in layer_fds)
-    k.mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV,
-            f"lowerdir={lowers},upperdir={STAGE}/upper,workdir={STAGE}/work,userxattr")
+    k.mount(
+        "overlay",
+        root,
+        "overlay",
+        MS_NOSUID | MS_NODEV,
+        f"lowerdir={lowers},upperdir={STAGE}/upper,workdir={STAGE}/work,userxattr",
+    )
     mounts_at = [(m, fd, root + m.target) for m, fd in zip(plan.binds, bind_fds, strict=True)]
     for source, _, path in mounts_at:
         _make_mount_point(path, source.is_dir)
@@ -165,10 +197,20 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
         os.close(fd)
 
     noexec = MS_NOEXEC if plan.noexec_tmp else 0
-    k.mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | noexec,
-            f"size={plan.tmp_size},nr_inodes=16384,mode=1777")
-    k.mount("tmpfs", root + plan.workdir, "tmpfs", MS_NOSUID | MS_NODEV | noexec,
-            f"size={plan.work_size},nr_inodes=16384,mode=0755,uid={plan.uid},gid={plan.gid}")
+    k.mount(
+        "tmpfs",
+        root + "/tmp",
+        "tmpfs",
+        MS_NOSUID | MS_NODEV | noexec,
+        f"size={plan.tmp_size},nr_inodes=16384,mode=1777",
+    )
+    k.mount(
+        "tmpfs",
+        root + plan.workdir,
+        "tmpfs",
+        MS_NOSUID | MS_NODEV | noexec,
+        f"size={plan.work_size},nr_inodes=16384,mode=0755,uid={plan.uid},gid={plan.gid}",
+    )
     _build_dev(k, root + "/dev")
     _build_proc(k, root + "/proc")
     k.mount_setattr(root, ro, recursive=False)
@@ -187,8 +229,7 @@ def _build_dev(k: KernelOps, dev: str) -> None:
         _bind(k, f"/dev/{name}", f"{dev}/{name}", MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC)
     for name, target in DEV_LINKS:
         os.symlink(target, f"{dev}/{name}")
-    k.mount_setattr(dev, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
-                    recursive=False)
+    k.mount_setattr(dev, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC, recursive=False)
 
 
 def _build_proc(k: KernelOps, proc: str) -> None:

@@ -36,8 +36,14 @@ from .spec import ArgCondition, SeccompAction, SeccompPolicy
 #: Syscalls the sandbox itself makes between installing the filter and the program's execve.
 SANDBOX_NEEDS = ("sendmsg", "execve", "exit_group")
 NAMESPACE_FLAGS = (
-    kernel.CLONE_NEWNS | kernel.CLONE_NEWUTS | kernel.CLONE_NEWIPC | kernel.CLONE_NEWUSER
-    | kernel.CLONE_NEWPID | kernel.CLONE_NEWNET | kernel.CLONE_NEWCGROUP | kernel.CLONE_NEWTIME
+    kernel.CLONE_NEWNS
+    | kernel.CLONE_NEWUTS
+    | kernel.CLONE_NEWIPC
+    | kernel.CLONE_NEWUSER
+    | kernel.CLONE_NEWPID
+    | kernel.CLONE_NEWNET
+    | kernel.CLONE_NEWCGROUP
+    | kernel.CLONE_NEWTIME
 )
 TIOCLINUX = 0x541C
 _LOW32 = 0xFFFF_FFFF
@@ -53,15 +59,21 @@ def unknown_syscalls(names: tuple[str, ...]) -> list[str]:
 def syscall_name(arch: int, number: int) -> str:
     """The name of syscall ``number`` on audit architecture ``arch`` (``"#N"`` when unknown)."""
     try:
-        return sc.resolve_syscall(arch, number).decode()
+        name: bytes = sc.resolve_syscall(arch, number)
+        return name.decode()
     except (ValueError, OSError):
         return f"#{number}"
 
 
 def arch_name(arch: int) -> str:
     """A short name for an audit architecture value (``x86_64``, ``x86``, ...)."""
-    names = {sc.Arch.X86_64: "x86_64", sc.Arch.X86: "x86", sc.Arch.X32: "x32",
-             sc.Arch.AARCH64: "aarch64", sc.Arch.ARM: "arm"}
+    names = {
+        sc.Arch.X86_64: "x86_64",
+        sc.Arch.X86: "x86",
+        sc.Arch.X32: "x32",
+        sc.Arch.AARCH64: "aarch64",
+        sc.Arch.ARM: "arm",
+    }
     return names.get(arch, hex(arch))
 
 

@@ -8,7 +8,8 @@ one request (the command, binds, limit overrides) after the policy has clamped i
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from enum import Enum
+from enum import StrEnum
+from typing import Any
 
 #: Limits a request or policy may set, in the units of :class:`Limits` (seconds, bytes, counts).
 LIMIT_NAMES = (
@@ -29,14 +30,14 @@ DURATION_LIMITS = frozenset({"wall_time", "cpu_time"})
 SIZE_LIMITS = frozenset({"memory", "fsize", "stack", "output", "tmp_size", "work_size"})
 
 
-class NetworkMode(str, Enum):
+class NetworkMode(StrEnum):
     """What the box's own network namespace contains."""
 
     NONE = "none"
     LOOPBACK = "loopback"
 
 
-class SeccompAction(str, Enum):
+class SeccompAction(StrEnum):
     """What the filter does with a syscall a rule matches."""
 
     ALLOW = "allow"
@@ -44,7 +45,7 @@ class SeccompAction(str, Enum):
     ERRNO = "errno"
 
 
-class Fallback(str, Enum):
+class Fallback(StrEnum):
     """What to do when the host has no usable cgroup for memory and pids limits."""
 
     NONE = "none"  # fail closed: refuse the run
@@ -66,9 +67,10 @@ class Limits:
     tmp_size: int = 16 << 20
     work_size: int = 16 << 20
 
-    def merged(self, **overrides: float | int | None) -> Limits:
+    def merged(self, **overrides: float | None) -> Limits:
         """Return a copy with the given limits replaced (``None`` values are ignored)."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        changes: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+        return replace(self, **changes)
 
 
 @dataclass(frozen=True, slots=True)

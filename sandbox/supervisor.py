@@ -53,7 +53,7 @@ class FdSink:
         view = memoryview(data)
         while view:
             try:
-                view = view[os.write(self.fd, view):]
+                view = view[os.write(self.fd, view) :]
             except BrokenPipeError:
                 return  # the reader went away; the program's output is still counted
 
@@ -118,8 +118,11 @@ def _rlimits(limits: Limits, fallback: bool) -> tuple[tuple[tuple[int, int], ...
     """The rlimit table for the program and the mechanism of each limit it enforces."""
     table: list[tuple[int, int]] = [(resource.RLIMIT_CORE, 0)]
     mechanisms: dict[str, str] = {}
-    by_rlimit = (("fsize", resource.RLIMIT_FSIZE), ("open_files", resource.RLIMIT_NOFILE),
-                 ("stack", resource.RLIMIT_STACK))
+    by_rlimit: tuple[tuple[str, int], ...] = (
+        ("fsize", resource.RLIMIT_FSIZE),
+        ("open_files", resource.RLIMIT_NOFILE),
+        ("stack", resource.RLIMIT_STACK),
+    )
     if fallback:
         by_rlimit += (("memory", resource.RLIMIT_AS), ("pids", resource.RLIMIT_NPROC))
     for name, which in by_rlimit:
@@ -141,8 +144,9 @@ def resource_name(which: int) -> str:
     return str(which)
 
 
-def run_box(spec: Spec, stdin_fd: int, stdout: Sink, stderr: Sink,
-            cancel_fd: int | None = None) -> Report:
+def run_box(
+    spec: Spec, stdin_fd: int, stdout: Sink, stderr: Sink, cancel_fd: int | None = None
+) -> Report:
     """Run ``spec`` to completion and return its report. Raises only for sandbox failures.
 
     ``cancel_fd`` becoming readable (its peer closed: the caller is gone) stops the run.
@@ -151,10 +155,15 @@ def run_box(spec: Spec, stdin_fd: int, stdout: Sink, stderr: Sink,
     limits = spec.limits
     backend = cgroup_backend()
     use_fallback = isinstance(backend, HostError)
-    if isinstance(backend, HostError) and (limits.memory is not None or limits.pids is not None):
-        if spec.profile.fallback is not Fallback.RLIMIT:
-            raise HostError(f"cannot enforce the memory and pids limits: {backend.message}",
-                            hint=backend.hint or "or allow `fallback = \"rlimit\"` in the profile")
+    needs_cgroup = limits.memory is not None or limits.pids is not None
+    if (
+        isinstance(backend, HostError)
+        and needs_cgroup
+        and spec.profile.fallback is not Fallback.RLIMIT
+    ):
+        raise HostError(
+            f"cannot enforce the memory and pids limits: {backend.message}", hint=backend.hint
+        )
     listener = listener_supported()
     bpf = seccomp.compile_filter(spec.profile.seccomp, notify=listener)
     rlimits, mechanisms = _rlimits(limits, use_fallback)
@@ -170,11 +179,19 @@ def run_box(spec: Spec, stdin_fd: int, stdout: Sink, stderr: Sink,
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         plan = child.ChildPlan(
-            argv=spec.argv, env=spec.environment, hostname=spec.profile.hostname,
+            argv=spec.argv,
+            env=spec.environment,
+            hostname=spec.profile.hostname,
             network=spec.profile.network,
-            uid=spec.profile.uid, gid=spec.profile.gid, drop_groups=os.geteuid() == 0,
-            root=root, rlimits=rlimits, stdio=(stdin_fd, out_w, err_w), sync=child_sock,
-            bpf=bpf, listener=listener,
+            uid=spec.profile.uid,
+            gid=spec.profile.gid,
+            drop_groups=os.geteuid() == 0,
+            root=root,
+            rlimits=rlimits,
+            stdio=(stdin_fd, out_w, err_w),
+            sync=child_sock,
+            bpf=bpf,
+            listener=listener,
         )
         try:
             pid = child.start(Kernel(), plan)
@@ -199,22 +216,43 @@ def run_box(spec: Spec, stdin_fd: int, stdout: Sink, stderr: Sink,
         ended = time.monotonic()
     cg_name = "none" if box is None else box.backend
     applied = _applied_limits(limits, cg_name, mechanisms)
-    return _report(spec, run, ended, cpu_total, cpu_user, cpu_system, memory_peak, oom,
-                   cg_name, applied, stdout, stderr)
+    return _report(
+        spec,
+        run,
+        ended,
+        cpu_total,
+        cpu_user,
+        cpu_system,
+        memory_peak,
+        oom,
+        cg_name,
+        applied,
+        stdout,
+        stderr,
+    )
 
 
 def _applied_limits(limits: Limits, cg: str, rl: dict[str, str]) -> dict[str, AppliedLimit]:
-    cg_mech = {"cgroup1": ("cgroup1 memory.limit_in_bytes+memsw", "cgroup1 pids.max",
-                           "cgroup1 cpuacct.usage"),
-               "cgroup2": ("cgroup2 memory.max (swap 0)", "cgroup2 pids.max", "cgroup2 cpu.stat"),
-               "none": (rl.get("memory", "none"), rl.get("pids", "none"), "RLIMIT_CPU")}[cg]
+    cg_mech = {
+        "cgroup1": (
+            "cgroup1 memory.limit_in_bytes+memsw",
+            "cgroup1 pids.max",
+            "cgroup1 cpuacct.usage",
+        ),
+        "cgroup2": ("cgroup2 memory.max (swap 0)", "cgroup2 pids.max", "cgroup2 cpu.stat"),
+        "none": (rl.get("memory", "none"), rl.get("pids", "none"), "RLIMIT_CPU"),
+    }[cg]
     mech = {
         "wall_time": "supervisor deadline",
         "cpu_time": cg_mech[2] if cg == "none" else f"supervisor deadline on {cg_mech[2]}",
-        "memory": cg_mech[0], "pids": cg_mech[1],
-        "fsize": rl.get("fsize", "none"), "open_files": rl.get("open_files", "none"),
-        "stack": rl.get("stack", "none"), "output": "supervisor pipe count",
-        "tmp_size": "tmpfs size", "work_size": "tmpfs size",
+        "memory": cg_mech[0],
+        "pids": cg_mech[1],
+        "fsize": rl.get("fsize", "none"),
+        "open_files": rl.get("open_files", "none"),
+        "stack": rl.get("stack", "none"),
+        "output": "supervisor pipe count",
+        "tmp_size": "tmpfs size",
+        "work_size": "tmpfs size",
     }
     out = {name: AppliedLimit(getattr(limits, name), how) for name, how in mech.items()}
     out["core"] = AppliedLimit(0, "RLIMIT_CORE")
@@ -234,9 +272,15 @@ def _kill(run: _Run, reason: str, pidfd: int, box: cgroups.BoxCgroup | None) -> 
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
 
-def _on_message(spec: Spec, run: _Run, msg: protocol.Message, sock: socket.socket,
-                ids: userns.HostIds, box: cgroups.BoxCgroup | None, sel: selectors.BaseSelector
-                ) -> None:
+def _on_message(
+    spec: Spec,
+    run: _Run,
+    msg: protocol.Message,
+    sock: socket.socket,
+    ids: userns.HostIds,
+    box: cgroups.BoxCgroup | None,
+    sel: selectors.BaseSelector,
+) -> None:
     if msg.kind == protocol.UNSHARED:
         userns.write_maps(msg.pid, spec.profile.uid, spec.profile.gid, ids)
         protocol.send(sock, protocol.GO)
@@ -272,9 +316,15 @@ def _read_notification(fd: int) -> tuple[int, int] | None:
     return nr, arch
 
 
-def _supervise(spec: Spec, run: _Run, pid: int, sock: socket.socket, ids: userns.HostIds,
-               box: cgroups.BoxCgroup | None, cancel_fd: int | None
-               ) -> resource.struct_rusage:
+def _supervise(
+    spec: Spec,
+    run: _Run,
+    pid: int,
+    sock: socket.socket,
+    ids: userns.HostIds,
+    box: cgroups.BoxCgroup | None,
+    cancel_fd: int | None,
+) -> resource.struct_rusage:
     limits = spec.limits
     pidfd = os.pidfd_open(pid)
     sel = selectors.DefaultSelector()
@@ -349,8 +399,14 @@ def _receive(sock: socket.socket) -> protocol.Message | None:
         return None
 
 
-def _drain(run: _Run, sock: socket.socket, sel: selectors.BaseSelector, spec: Spec,
-           ids: userns.HostIds, box: cgroups.BoxCgroup | None) -> None:
+def _drain(
+    run: _Run,
+    sock: socket.socket,
+    sel: selectors.BaseSelector,
+    spec: Spec,
+    ids: userns.HostIds,
+    box: cgroups.BoxCgroup | None,
+) -> None:
     """After the setup process is gone: the last messages and the rest of the output."""
     if box is not None:
         with contextlib.suppress(OSError, HostError):
@@ -373,8 +429,9 @@ def _drain(run: _Run, sock: socket.socket, sel: selectors.BaseSelector, spec: Sp
                 sel.unregister(key.fd)
 
 
-def _copy_output(run: _Run, fd: int, sel: selectors.BaseSelector, pidfd: int,
-                 box: cgroups.BoxCgroup | None) -> None:
+def _copy_output(
+    run: _Run, fd: int, sel: selectors.BaseSelector, pidfd: int, box: cgroups.BoxCgroup | None
+) -> None:
     stream = run.streams[fd]
     data = os.read(fd, CHUNK)
     if not data:
@@ -394,14 +451,27 @@ def _copy_output(run: _Run, fd: int, sel: selectors.BaseSelector, pidfd: int,
 
 
 _LIMIT_VERDICTS = {
-    "wall_time": Verdict.WALL_TIME_LIMIT, "cpu_time": Verdict.CPU_TIME_LIMIT,
-    "output": Verdict.OUTPUT_LIMIT, "forbidden_syscall": Verdict.FORBIDDEN_SYSCALL,
+    "wall_time": Verdict.WALL_TIME_LIMIT,
+    "cpu_time": Verdict.CPU_TIME_LIMIT,
+    "output": Verdict.OUTPUT_LIMIT,
+    "forbidden_syscall": Verdict.FORBIDDEN_SYSCALL,
 }
 
 
-def _report(spec: Spec, run: _Run, ended: float, cpu: float, cpu_user: float, cpu_system: float,
-            memory_peak: int | None, oom: bool, cg: str, applied: dict[str, AppliedLimit],
-            stdout: Sink, stderr: Sink) -> Report:
+def _report(
+    spec: Spec,
+    run: _Run,
+    ended: float,
+    cpu: float,
+    cpu_user: float,
+    cpu_system: float,
+    memory_peak: int | None,
+    oom: bool,
+    cg: str,
+    applied: dict[str, AppliedLimit],
+    stdout: Sink,
+    stderr: Sink,
+) -> Report:
     exit_code: int | None = None
     sig: int | None = None
     error = run.setup_error
@@ -414,7 +484,8 @@ def _report(spec: Spec, run: _Run, ended: float, cpu: float, cpu_user: float, cp
     if limit == "cancelled" or (run.setup_error is not None and not run.setup_done):
         verdict = Verdict.SANDBOX_ERROR
     elif run.exec_errno is not None:
-        verdict, exit_code, sig = Verdict.RUNTIME_ERROR, exec_failure_exit_code(run.exec_errno), None
+        verdict, sig = Verdict.RUNTIME_ERROR, None
+        exit_code = exec_failure_exit_code(run.exec_errno)
         error = f"cannot execute {spec.argv[0]!r}: {os.strerror(run.exec_errno)}"
     elif limit in _LIMIT_VERDICTS:
         verdict = _LIMIT_VERDICTS[limit]
@@ -436,15 +507,27 @@ def _report(spec: Spec, run: _Run, ended: float, cpu: float, cpu_user: float, cp
     setup = (run.exec_at or ended) - run.started
     out, err = run.streams.values()
     return Report(
-        verdict=verdict, exit_code=exit_code, signal=int(sig) if sig is not None else None,
-        cpu_time=round(cpu, 6), cpu_user=round(cpu_user, 6), cpu_system=round(cpu_system, 6),
-        wall_time=round(wall, 6), memory_peak=memory_peak, oom_killed=oom,
-        forbidden_syscall=run.forbidden, profile=spec.profile.name,
-        profile_hash=spec.profile.content_hash, cgroup=cg, limits=applied,
-        stdout_bytes=out.count, stderr_bytes=err.count, stdout_truncated=out.truncated,
-        stderr_truncated=err.truncated, limit_fired=limit, error=error,
+        verdict=verdict,
+        exit_code=exit_code,
+        signal=int(sig) if sig is not None else None,
+        cpu_time=round(cpu, 6),
+        cpu_user=round(cpu_user, 6),
+        cpu_system=round(cpu_system, 6),
+        wall_time=round(wall, 6),
+        memory_peak=memory_peak,
+        oom_killed=oom,
+        forbidden_syscall=run.forbidden,
+        profile=spec.profile.name,
+        profile_hash=spec.profile.content_hash,
+        cgroup=cg,
+        limits=applied,
+        stdout_bytes=out.count,
+        stderr_bytes=err.count,
+        stdout_truncated=out.truncated,
+        stderr_truncated=err.truncated,
+        limit_fired=limit,
+        error=error,
         setup_time=round(setup, 6),
         stdout=bytes(stdout.buffer) if isinstance(stdout, BufferSink) else None,
         stderr=bytes(stderr.buffer) if isinstance(stderr, BufferSink) else None,
     )
-

@@ -54,8 +54,11 @@ def allocate() -> HostIds:
 
 def write_maps(pid: int, inside_uid: int, inside_gid: int, ids: HostIds) -> None:
     """Map exactly one id each way; ``setgroups`` is denied first (CVE-2014-8989) and for good."""
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{inside_uid} {ids.uid} 1\n"),
-                       ("gid_map", f"{inside_gid} {ids.gid} 1\n")):
+    for name, text in (
+        ("setgroups", "deny"),
+        ("uid_map", f"{inside_uid} {ids.uid} 1\n"),
+        ("gid_map", f"{inside_gid} {ids.gid} 1\n"),
+    ):
         fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
         try:
             os.write(fd, text.encode())
