@@ -234,7 +234,7 @@ def _run_phases(
             raise
         except OSError as e:
             raise PhaseError(
-                phase.__name__, str(e.strerror or e), e.errno or 0, e.filename or ""
+                phase.__name__, str(e.filename or phase.__name__), e.errno or 0, e.strerror or ""
             ) from None
         except Exception as e:  # report anything; this process must not unwind
             raise PhaseError(phase.__name__, type(e).__name__, 0, str(e)) from None

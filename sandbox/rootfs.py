@@ -141,6 +141,10 @@ def plan_root(spec: Spec) -> RootPlan:
     )
 
 
+def _is_under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
 def _make_mount_point(path: str, is_dir: bool) -> None:
     if is_dir:
         os.makedirs(path, exist_ok=True)
@@ -175,6 +179,15 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
     for name in ("upper", "work", "root"):
         os.mkdir(f"{STAGE}/{name}", 0o755)
     root = f"{STAGE}/root"
+    writable_dirs = ("/tmp", plan.workdir)
+    binds = sorted(zip(plan.binds, bind_fds, strict=True), key=lambda b: b[0].target)
+    # Mount points outside the writable dirs go into the upper layer before the overlay is
+    # mounted (the layers' own directories belong to ids the box cannot write as).
+    for source, _ in binds:
+        inside_writable = any(_is_under(source.target, d) for d in writable_dirs)
+        in_layers = any(os.path.lexists(f"/proc/self/fd/{fd}{source.target}") for fd in layer_fds)
+        if not inside_writable and not in_layers:
+            _make_mount_point(f"{STAGE}/upper{source.target}", source.is_dir)
     lowers = ":".join(f"/proc/self/fd/{fd}" for fd in layer_fds)
     k.mount(
         "overlay",
@@ -183,19 +196,6 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
         MS_NOSUID | MS_NODEV,
         f"lowerdir={lowers},upperdir={STAGE}/upper,workdir={STAGE}/work,userxattr",
     )
-    mounts_at = [(m, fd, root + m.target) for m, fd in zip(plan.binds, bind_fds, strict=True)]
-    for source, _, path in mounts_at:
-        _make_mount_point(path, source.is_dir)
-    for path in ("/tmp", plan.workdir, "/proc", "/dev"):
-        _make_mount_point(root + path, True)
-
-    ro = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
-    for source, fd, path in mounts_at:
-        attrs = ro & ~MOUNT_ATTR_RDONLY if source.writable else ro
-        _bind(k, f"/proc/self/fd/{fd}", path, attrs)
-    for fd in layer_fds + bind_fds:
-        os.close(fd)
-
     noexec = MS_NOEXEC if plan.noexec_tmp else 0
     k.mount(
         "tmpfs",
@@ -211,6 +211,14 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
         MS_NOSUID | MS_NODEV | noexec,
         f"size={plan.work_size},nr_inodes=16384,mode=0755,uid={plan.uid},gid={plan.gid}",
     )
+    ro = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+    for source, fd in binds:
+        path = root + source.target
+        _make_mount_point(path, source.is_dir)
+        attrs = ro & ~MOUNT_ATTR_RDONLY if source.writable else ro
+        _bind(k, f"/proc/self/fd/{fd}", path, attrs)
+    for fd in layer_fds + bind_fds:
+        os.close(fd)
     _build_dev(k, root + "/dev")
     _build_proc(k, root + "/proc")
     k.mount_setattr(root, ro, recursive=False)

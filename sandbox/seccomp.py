@@ -46,6 +46,7 @@ NAMESPACE_FLAGS = (
     | kernel.CLONE_NEWTIME
 )
 TIOCLINUX = 0x541C
+X32_SYSCALL_BIT = 0x4000_0000
 _LOW32 = 0xFFFF_FFFF
 _HIGH32 = 0xFFFF_FFFF_0000_0000
 _AF_MAX = 46
@@ -63,6 +64,14 @@ def syscall_name(arch: int, number: int) -> str:
         return name.decode()
     except (ValueError, OSError):
         return f"#{number}"
+
+
+def describe_syscall(arch: int, number: int) -> str:
+    """``keyctl``; ``getpid (x86)`` or ``getpid (x32)`` for a foreign ABI's call."""
+    if arch == native_arch() and number & X32_SYSCALL_BIT:
+        return f"{syscall_name(arch, number & ~X32_SYSCALL_BIT)} (x32)"
+    name = syscall_name(arch, number)
+    return name if arch == native_arch() else f"{name} ({arch_name(arch)})"
 
 
 def arch_name(arch: int) -> str:

@@ -370,9 +370,7 @@ def _supervise(
                     sel.unregister(key.fd)
                     if call is not None:
                         nr, arch = call
-                        name = seccomp.syscall_name(arch, nr)
-                        if arch != seccomp.native_arch():
-                            name = f"{name} ({seccomp.arch_name(arch)})"
+                        name = seccomp.describe_syscall(arch, nr)
                         run.forbidden = name
                         _kill(run, "forbidden_syscall", pidfd, box)
                 elif key.data == "cancel":

@@ -1,0 +1,122 @@
+"""The child's phase order, checked against a recording kernel (no privileges needed)."""
+
+import os
+import signal
+
+import pytest
+
+from sandbox import child, protocol
+from sandbox.kernel import CLONE_NEWCGROUP, CLONE_NEWUSER
+from sandbox.rootfs import RootPlan
+from sandbox.spec import NetworkMode
+
+
+class RecordingKernel:
+    """Records every call by name; install_seccomp returns a real (harmless) descriptor."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[object, ...]]] = []
+
+    def __getattr__(self, name: str):
+        def record(*args: object, **kwargs: object) -> object:
+            self.calls.append((name, args))
+            if name == "install_seccomp":
+                return os.open(os.devnull, os.O_RDONLY)
+            return None
+        return record
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+@pytest.fixture
+def plan():
+    ours, theirs = protocol.socketpair()
+    root = RootPlan(layers=(), binds=(), tmp_size=1, work_size=1, workdir="/box",
+                    noexec_tmp=False, uid=1000, gid=1000)
+    p = child.ChildPlan(argv=("/bin/true",), env={"PATH": "/bin"}, hostname="box",
+                        network=NetworkMode.NONE, uid=1000, gid=1000, drop_groups=True, root=root,
+                        rlimits=((4, 0),), stdio=(0, 1, 2), sync=theirs, bpf=b"\0" * 8,
+                        listener=True)
+    yield p, ours
+    ours.close()
+    theirs.close()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+
+def test_setup_phases_drop_groups_then_unshare_user_first_then_wait_for_maps(plan):
+    p, supervisor = plan
+    supervisor.send(protocol.encode(protocol.GO))
+    k = RecordingKernel()
+    child._run_phases(k, p, child.SETUP_PHASES)
+    assert k.names == ["close_fds_except", "setgroups", "unshare"]
+    flags = k.calls[2][1][0]
+    assert flags & CLONE_NEWUSER and not flags & CLONE_NEWCGROUP
+    assert protocol.receive(supervisor).kind == protocol.UNSHARED
+
+
+def test_program_phases_end_with_privileges_dropped_then_seccomp_then_execve(plan):
+    p, supervisor = plan
+    supervisor.send(protocol.encode(protocol.GO))
+    k = RecordingKernel()
+    child._run_phases(k, p, child.PROGRAM_PHASES)
+    child.exec_program(k, p)
+    names = k.names
+    assert names[-2:] == ["install_seccomp", "execve"]
+    assert names.index("set_no_new_privs") < names.index("install_seccomp")
+    assert names.index("drop_capabilities") < names.index("install_seccomp")
+    # ids change before capabilities go (setresuid needs CAP_SETUID in the namespace) ...
+    assert names.index("setresuid") < names.index("drop_capabilities")
+    # ... the cgroup namespace is made after joining the cgroup, while caps remain ...
+    assert names.index("unshare") < names.index("setresuid")
+    # ... and fds are closed after stdio is in place, so only 0-2 and sync survive.
+    assert names.index("dup2") < names.index("close_fds_except")
+    assert k.calls[names.index("close_fds_except")][1][0] == (0, 1, 2, p.sync.fileno())
+    assert [m.kind for m in (protocol.receive(supervisor), protocol.receive(supervisor))] == [
+        protocol.ATTACH, protocol.EXEC]
+
+
+def test_phase_lists_keep_the_documented_order():
+    init = [f.__name__ for f in child.INIT_PHASES]
+    assert init[0] == "die_with_parent" and init.index("mount_root") < init.index("protect_init")
+    program = [f.__name__ for f in child.PROGRAM_PHASES]
+    assert program[0] == "join_cgroup"  # nothing runs in the box cgroup before it is joined
+    assert program[-2:] == ["no_new_privs", "drop_capabilities"]
+    assert child.FINAL_STEPS == ("install_seccomp", "execve")
+
+
+def test_a_failing_phase_is_reported_with_its_name_and_errno(plan):
+    p, _ = plan
+
+    class Failing(RecordingKernel):
+        def setsid(self) -> None:
+            raise OSError(1, "Operation not permitted", "setsid")
+
+    p.sync.send(b"")  # unused; keeps the socket busy-free
+    with pytest.raises(child.PhaseError) as info:
+        child._run_phases(Failing(), p, (child.new_session,))
+    assert (info.value.phase, info.value.err, info.value.op) == ("new_session", 1, "setsid")
+
+
+def test_a_missing_program_is_reported_before_seccomp(plan):
+    p, supervisor = plan
+    p = child.ChildPlan(**{**p.__dict__, "argv": ("no-such-program",)})
+    k = RecordingKernel()
+    child.exec_program(k, p)
+    assert "install_seccomp" not in k.names
+    msg = protocol.receive(supervisor)
+    assert msg.kind == protocol.EXEC_ERROR and msg.fields["errno"] == 2
+
+
+def test_program_lookup_follows_path_like_execvp(tmp_path):
+    exe = tmp_path / "tool"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    (tmp_path / "plain").write_text("")
+    env = {"PATH": f"/nonexistent:{tmp_path}"}
+    assert child.resolve_program("tool", env) == str(exe)
+    assert child.resolve_program("./x", env) == "./x"
+    with pytest.raises(FileNotFoundError):
+        child.resolve_program("plain", env)

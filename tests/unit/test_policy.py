@@ -1,0 +1,95 @@
+"""Policies: rule selection, ceilings that clamp, and what a policy forbids."""
+
+from pathlib import Path
+
+import pytest
+
+from sandbox.errors import ConfigError
+from sandbox.policy import load_policy
+from sandbox.request import Request, resolve
+from sandbox.spec import Bind
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT = ROOT / "policies" / "default.toml"
+
+
+def test_default_policy_selects_compile_for_cpp_and_strict_for_runs():
+    policy = load_policy(DEFAULT)
+    assert policy.select({"purpose": "compile", "language": "cpp"})[0] == "compile"
+    assert policy.select({"purpose": "compile", "language": "c"})[0] == "compile"
+    assert policy.select({"purpose": "run", "language": "cpp"})[0] == "strict"
+    assert policy.select({"purpose": "compile", "language": "rust"}) == (
+        "strict", "default_profile")
+
+
+def test_boundary_values_do_not_match_by_prefix():
+    policy = load_policy(DEFAULT)
+    assert policy.select({"purpose": "compile", "language": "cpp2"})[0] == "strict"
+    assert policy.select({"purpose": "compiler", "language": "c"})[0] == "strict"
+
+
+def test_no_rule_and_no_default_is_an_error(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[[rule]]\npurpose = "run"\nprofile = "strict"\n')
+    with pytest.raises(ConfigError, match="no rule matches"):
+        load_policy(path).select({"purpose": "compile"})
+
+
+def test_requests_are_clamped_to_ceilings(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('default_profile = "strict"\n[ceilings]\nmemory = "100M"\nwall_time = 2\n')
+    spec = resolve(Request(argv=["true"], policy=path, limits={"memory": "1G"}))
+    assert spec.limits.memory == 100 << 20
+    assert spec.limits.wall_time == 2
+    assert any(note.startswith("memory:") for note in spec.clamped)
+
+
+def test_requests_may_tighten_below_the_ceiling(tmp_path):
+    spec = resolve(Request(argv=["true"], policy=DEFAULT, attributes={"purpose": "run"},
+                           limits={"memory": "8M", "wall_time": "250ms"}))
+    assert spec.limits.memory == 8 << 20 and spec.limits.wall_time == 0.25
+    assert spec.clamped == ()
+
+
+def test_policy_refuses_writable_binds_and_foreign_networks(tmp_path):
+    with pytest.raises(ConfigError, match="read-only binds only"):
+        resolve(Request(argv=["true"], policy=DEFAULT, binds=[Bind("/tmp", "/box/t", True)]))
+    with pytest.raises(ConfigError, match="network 'loopback'"):
+        policy = tmp_path / "p.toml"
+        policy.write_text('default_profile = "standard"\n')
+        resolve(Request(argv=["true"], policy=policy))
+
+
+def test_policy_and_profile_must_agree():
+    with pytest.raises(ConfigError, match="selects profile 'strict'"):
+        resolve(Request(argv=["true"], policy=DEFAULT, profile="compile",
+                        attributes={"purpose": "run"}))
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("surprise = 1\n", "surprise"),
+    ('[ceilings]\nmemory = "x"\n', "ceilings.memory"),
+    ('[ceilings]\nbogus = 1\n', "ceilings.bogus"),
+    ('[[rule]]\nprofile = 3\n', "rule[0].profile"),
+    ('[[rule]]\nprofile = "strict"\nlanguage = []\n', "rule[0].language"),
+    ('[allow]\nnetworks = ["internet"]\n', "allow.networks"),
+])
+def test_invalid_policies_name_the_key(tmp_path, text, key):
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_policy(path)
+    assert info.value.key == key and info.value.source == str(path)
+
+
+@pytest.mark.parametrize(("argv", "problem"), [([], "non-empty"), ([""], "non-empty"),
+                                                (["a\0b"], "NUL")])
+def test_bad_commands_are_refused(argv, problem):
+    with pytest.raises(ConfigError, match=problem):
+        resolve(Request(argv=argv))
+
+
+def test_bad_request_limits_name_the_limit():
+    with pytest.raises(ConfigError) as info:
+        resolve(Request(argv=["true"], limits={"memory": "-5"}))
+    assert info.value.key == "memory"

@@ -1,0 +1,44 @@
+"""The parent/child protocol accepts exactly the documented messages."""
+
+import os
+
+import pytest
+
+from sandbox import protocol
+
+
+@pytest.mark.parametrize(("kind", "fields"), [
+    (protocol.UNSHARED, {}), (protocol.EXITED, {"status": 9}),
+    (protocol.SETUP_ERROR, {"phase": "p", "op": "o", "errno": 1, "detail": ""}),
+    (protocol.EXEC_ERROR, {"errno": 2}),
+])
+def test_round_trip(kind, fields):
+    assert protocol.decode(protocol.encode(kind, **fields)) == protocol.Message(kind, fields)
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"[]", b"{}", b'{"t": 1}', b'{"t": "nope"}', b'{"t": "exit"}',
+    b'{"t": "exit", "status": "9"}', b'{"t": "exit", "status": true}',
+    b'{"t": "exit", "status": 9, "extra": 1}', b"\xff\xfe", b"x" * (protocol.MAX_MESSAGE + 1),
+])
+def test_malformed_messages_are_refused(data):
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode(data)
+
+
+def test_writer_cannot_send_an_undocumented_shape():
+    with pytest.raises(protocol.ProtocolError):
+        protocol.encode(protocol.EXITED, status="x")
+
+
+def test_receive_reports_sender_pid_and_passes_descriptors():
+    ours, theirs = protocol.socketpair()
+    with ours, theirs:
+        fd = os.open(os.devnull, os.O_RDONLY)
+        protocol.send(theirs, protocol.EXEC, fds=(fd,))
+        os.close(fd)
+        msg = protocol.receive(ours)
+        assert msg.kind == protocol.EXEC and msg.pid == os.getpid() and len(msg.fds) == 1
+        os.close(msg.fds[0])
+        theirs.close()
+        assert protocol.receive(ours) is None
