@@ -248,7 +248,7 @@ def _build_proc(k: KernelOps, proc: str) -> None:
             k.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0,mode=0")
             k.mount_setattr(path, MOUNT_ATTR_RDONLY, recursive=False)
         elif os.path.exists(path):
-            k.mount("/dev/null", path, None, MS_BIND)
+            _bind(k, "/dev/null", path, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC)
     for name in PROC_READONLY:
         path = f"{proc}/{name}"
         if os.path.exists(path):
