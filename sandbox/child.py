@@ -61,6 +61,7 @@ class ChildPlan:
     sync: socket.socket
     bpf: bytes
     listener: bool
+    supervisor_pid: int
 
 
 class PhaseError(Exception):
@@ -78,6 +79,13 @@ def _wait_for_go(plan: ChildPlan, phase: str) -> None:
 
 
 # --- setup process (A) -------------------------------------------------------------------
+
+
+def die_with_supervisor(k: KernelOps, plan: ChildPlan) -> None:
+    """SIGKILL when the supervisor dies; if it died before this took effect, stop now."""
+    k.set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != plan.supervisor_pid:
+        raise PhaseError("die_with_supervisor", "supervisor is gone", 0)
 
 
 def isolate_fds(k: KernelOps, plan: ChildPlan) -> None:
@@ -106,6 +114,7 @@ def await_id_maps(k: KernelOps, plan: ChildPlan) -> None:
 
 
 SETUP_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (
+    die_with_supervisor,
     isolate_fds,
     drop_groups,
     unshare_namespaces,
@@ -133,6 +142,12 @@ def mount_root(k: KernelOps, plan: ChildPlan) -> None:
     build_root(k, plan.root)
 
 
+def rearm_death_signal(k: KernelOps, plan: ChildPlan) -> None:
+    """Building the root changed the filesystem uid, which clears the parent-death signal
+    (prctl(2), PR_SET_PDEATHSIG): set it again, and check again that setup is still there."""
+    die_with_parent(k, plan)
+
+
 def set_hostname(k: KernelOps, plan: ChildPlan) -> None:
     k.sethostname(plan.hostname)
 
@@ -151,6 +166,7 @@ def protect_init(k: KernelOps, plan: ChildPlan) -> None:
 INIT_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (
     die_with_parent,
     mount_root,
+    rearm_death_signal,
     set_hostname,
     set_up_network,
     protect_init,

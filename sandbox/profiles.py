@@ -66,8 +66,12 @@ def find_profile(name_or_path: str, *, relative_to: Path | None = None) -> Path:
         path = Path(name_or_path)
         if relative_to is not None and not path.is_absolute():
             path = relative_to / path
-        if not path.is_file():
-            raise ConfigError(name_or_path, None, "no such profile file")
+        try:
+            if path.stat().st_size >= 0 and not path.is_file():
+                raise ConfigError(name_or_path, None, "not a regular file")
+        except OSError as e:
+            raise ConfigError(name_or_path, None, f"cannot use the profile file: {e.strerror}"
+                              ) from None
         return path
     if not _NAME.match(name_or_path):
         raise ConfigError(

@@ -192,6 +192,7 @@ def run_box(
             sync=child_sock,
             bpf=bpf,
             listener=listener,
+            supervisor_pid=os.getpid(),
         )
         try:
             pid = child.start(Kernel(), plan)

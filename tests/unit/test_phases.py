@@ -38,7 +38,7 @@ def plan():
     p = child.ChildPlan(argv=("/bin/true",), env={"PATH": "/bin"}, hostname="box",
                         network=NetworkMode.NONE, uid=1000, gid=1000, drop_groups=True, root=root,
                         rlimits=((4, 0),), stdio=(0, 1, 2), sync=theirs, bpf=b"\0" * 8,
-                        listener=True)
+                        listener=True, supervisor_pid=os.getppid())
     yield p, ours
     ours.close()
     theirs.close()
@@ -51,8 +51,8 @@ def test_setup_phases_drop_groups_then_unshare_user_first_then_wait_for_maps(pla
     supervisor.send(protocol.encode(protocol.GO))
     k = RecordingKernel()
     child._run_phases(k, p, child.SETUP_PHASES)
-    assert k.names == ["close_fds_except", "setgroups", "unshare"]
-    flags = k.calls[2][1][0]
+    assert k.names == ["set_pdeathsig", "close_fds_except", "setgroups", "unshare"]
+    flags = k.calls[3][1][0]
     assert flags & CLONE_NEWUSER and not flags & CLONE_NEWCGROUP
     assert protocol.receive(supervisor).kind == protocol.UNSHARED
 

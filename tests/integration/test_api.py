@@ -1,0 +1,88 @@
+"""`sandbox.run` from Python: captured output, stdin forms, errors, and many threads at once."""
+
+import os
+import threading
+
+import pytest
+
+import sandbox
+from sandbox import Verdict
+
+
+def test_the_issue_example():
+    report = sandbox.run(["python3", "-c", "print(6*7)"], profile="strict", stdin=b"")
+    assert (report.verdict, report.exit_code, report.stdout) == (Verdict.OK, 0, b"42\n")
+    assert report.ok and report.stderr == b""
+
+
+@pytest.mark.parametrize("stdin", [b"in\n", "in\n"])
+def test_stdin_as_bytes_or_text(stdin):
+    assert sandbox.run(["cat"], stdin=stdin).stdout == b"in\n"
+
+
+def test_stdin_from_a_descriptor_and_none(tmp_path):
+    path = tmp_path / "in"
+    path.write_bytes(b"from file\n")
+    with path.open("rb") as f:
+        assert sandbox.run(["cat"], stdin=f.fileno()).stdout == b"from file\n"
+    assert sandbox.run(["cat"], stdin=None).stdout == b""
+
+
+def test_output_limit_truncates_and_is_a_verdict():
+    report = sandbox.run(["sh", "-c", "yes | head -c 100000; sleep 5"], output="1K")
+    assert report.verdict is Verdict.OUTPUT_LIMIT and report.limit_fired == "output"
+    assert report.stdout == b"y\n" * 512 and report.stdout_truncated
+    assert report.stdout_bytes > 1024 and not report.stderr_truncated
+
+
+def test_binds_and_limits_as_keywords(tmp_path):
+    (tmp_path / "x").write_text("bound\n")
+    os.chmod(tmp_path, 0o755)
+    report = sandbox.run(["cat", "/box/in/x"], binds=[(str(tmp_path), "/box/in")],
+                         wall_time="2s", memory="64M", pids=4)
+    assert report.stdout == b"bound\n"
+    assert report.limits["memory"].value == 64 << 20 and report.limits["pids"].value == 4
+    assert "pids" in report.limits["pids"].mechanism
+
+
+def test_invalid_requests_raise_config_errors():
+    with pytest.raises(sandbox.ConfigError, match="no such profile"):
+        sandbox.run(["true"], profile="missing")
+    with pytest.raises(sandbox.ConfigError):
+        sandbox.run([])
+    with pytest.raises(sandbox.SandboxError):
+        sandbox.run(["true"], binds=[("/does/not/exist", "/box/x")])
+
+
+def test_many_threads_at_once_get_their_own_results():
+    results: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(5):
+                report = sandbox.run(["sh", "-c", f"echo {n}-{i}; exit {n % 3}"])
+                assert report.exit_code == n % 3
+                results[n * 10 + i] = report.stdout or b""
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results == {n * 10 + i: f"{n}-{i}\n".encode() for n in range(8) for i in range(5)}
+
+
+def test_run_works_in_a_forked_child_with_its_own_helper():
+    sandbox.run(["true"])  # the parent's helper exists now
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if sandbox.run(["echo", "child"]).stdout == b"child\n" else 2
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
