@@ -1,0 +1,200 @@
+"""Attacks on the host from inside the box, each shown to work without the sandbox first."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+import sandbox
+from sandbox import Verdict
+
+PY = "import os, sys, socket, fcntl, termios, errno\n"
+
+
+def box_python(code: str, **kw: object) -> sandbox.Report:
+    return sandbox.run(["python3", "-c", PY + code], **kw)  # type: ignore[arg-type]
+
+
+def host_python(code: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["/usr/bin/python3", "-c", PY + code], capture_output=True)
+
+
+READ = "try:\n print(open(sys.argv[1] if len(sys.argv) > 1 else {path!r}).read()[:40])\n" \
+       "except OSError as e:\n print('refused', e.errno)\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/etc/shadow"), reason="host has no /etc/shadow")
+def test_host_shadow_file_is_not_in_the_box():
+    assert b"root:" in host_python(READ.format(path="/etc/shadow")).stdout
+    assert box_python(READ.format(path="/etc/shadow")).stdout == b"refused 2\n"
+
+
+def test_a_host_marker_file_is_invisible_unless_bound(tmp_path):
+    marker = tmp_path / "marker"
+    marker.write_text("top secret")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(marker, 0o644)
+    assert b"top secret" in host_python(READ.format(path=str(marker))).stdout
+    assert box_python(READ.format(path=str(marker))).stdout == b"refused 2\n"
+    bound = box_python(READ.format(path="/data/marker"), binds=[(str(tmp_path), "/data")])
+    assert b"top secret" in bound.stdout  # the read method works when access is granted
+
+
+def test_proc_pid_root_does_not_reach_the_host():
+    victim = subprocess.Popen(["sleep", "30"])
+    try:
+        code = "print(sorted(os.listdir(sys.argv[1]))[:3])"
+        host = subprocess.run(["/usr/bin/python3", "-c", PY + code, f"/proc/{victim.pid}/root"],
+                              capture_output=True)
+        assert b"bin" in host.stdout  # on the host, /proc/PID/root is a way into its root
+        guarded = "try:\n " + code + "\nexcept OSError as e:\n print('refused', e.errno)"
+        report = sandbox.run(["python3", "-c", PY + guarded, "/proc/1/root"])
+        assert report.stdout == b"refused 13\n"  # the box's init is not dumpable
+        shadow = box_python("print(os.path.exists('/proc/self/root/etc/shadow'))")
+        assert shadow.stdout == b"False\n"
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_another_processes_environment_is_not_visible():
+    env = {**os.environ, "SANDBOX_TEST_SECRET": "hunter2"}
+    victim = subprocess.Popen(["sleep", "30"], env=env)
+    try:
+        path = f"/proc/{victim.pid}/environ"
+        assert b"hunter2" in Path(path).read_bytes()
+        code = ("found = []\nfor p in os.listdir('/proc'):\n if p.isdigit():\n  try:\n"
+                "   found.append(b'hunter2' in open(f'/proc/{p}/environ','rb').read())\n"
+                "  except OSError: pass\nprint(any(found), len(os.listdir('/proc')) > 0)")
+        assert box_python(code).stdout == b"False True\n"
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_killing_a_host_process_is_impossible():
+    victim = subprocess.Popen(["sleep", "30"])
+    try:
+        code = f"try:\n os.kill({victim.pid}, 9); print('killed')\nexcept OSError as e:\n" \
+               " print('refused', e.errno)"
+        assert box_python(code).stdout == b"refused 3\n"  # ESRCH: not in its pid namespace
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+    assert victim.returncode == -9  # killing works from the host
+
+
+@pytest.mark.parametrize("path", ["/usr/x", "/etc/passwd", "/x", "/dev/x", "/proc/sys/vm/x"])
+def test_writes_outside_writable_mounts_fail(path):
+    code = f"try:\n open({path!r}, 'w').write('x'); print('wrote')\nexcept OSError as e:\n" \
+           " print('refused', errno.errorcode[e.errno])"
+    out = box_python(code).stdout
+    assert out.startswith(b"refused"), out
+    assert box_python(code.replace(path, "/tmp/x")).stdout == b"wrote\n"
+
+
+def test_raw_and_packet_sockets_are_refused_but_work_on_the_host():
+    code = ("for fam, kind in ((socket.AF_INET, socket.SOCK_RAW), (socket.AF_PACKET, "
+            "socket.SOCK_RAW), (socket.AF_NETLINK, socket.SOCK_RAW)):\n"
+            " try:\n  socket.socket(fam, kind, 1 if fam == socket.AF_INET else 0).close();"
+            " print('ok')\n except OSError as e:\n  print(errno.errorcode[e.errno])")
+    if os.geteuid() == 0:
+        assert host_python(code).stdout == b"ok\nok\nok\n"
+    assert box_python(code).stdout == b"EPERM\nEAFNOSUPPORT\nEAFNOSUPPORT\n"
+
+
+@pytest.fixture
+def host_listener():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(conn.recv(16))
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield server.getsockname()[1], accepted
+    server.close()
+
+
+@pytest.mark.parametrize("profile", ["strict", "standard"])
+def test_host_loopback_listener_is_unreachable(host_listener, profile):
+    port, accepted = host_listener
+    code = (f"s = socket.socket()\ns.settimeout(2)\ntry:\n s.connect(('127.0.0.1', {port}));"
+            " s.send(b'hi'); print('connected')\nexcept OSError as e:\n"
+            " print(errno.errorcode.get(e.errno, e))")
+    assert host_python(code).stdout == b"connected\n"
+    out = box_python(code, profile=profile).stdout
+    # strict: no interface is up at all; standard: its own loopback, with nothing listening.
+    assert out == (b"ENETUNREACH\n" if profile == "strict" else b"ECONNREFUSED\n")
+    assert accepted == [b"hi"]  # only the host's own connection arrived
+
+
+def test_tiocsti_is_refused_by_the_filter():
+    code = ("try:\n fcntl.ioctl(0, termios.TIOCSTI, b'x'); print('injected')\n"
+            "except OSError as e:\n print(errno.errorcode[e.errno])\n"
+            "try:\n fcntl.ioctl(0, 0x100005412, b'x')\nexcept OSError as e:\n"
+            " print(errno.errorcode[e.errno])\nexcept OverflowError:\n print('overflow')")
+    # Outside, a pipe on stdin makes the kernel answer ENOTTY: the EPERM inside is the filter.
+    assert host_python(code).stdout.splitlines()[0] == b"ENOTTY"
+    report = box_python(code)
+    assert report.stdout.splitlines()[0] == b"EPERM"
+
+
+def test_the_box_has_no_capabilities_no_new_privs_and_a_filter():
+    status = sandbox.run(["cat", "/proc/self/status"]).stdout.decode()
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert fields[cap].strip() == "0000000000000000", cap
+    assert fields["NoNewPrivs"].strip() == "1"
+    assert fields["Seccomp"].strip() == "2"
+    host = Path("/proc/self/status").read_text()
+    assert "NoNewPrivs:\t0" in host  # the fields are read the same way on the host
+
+
+def test_no_descriptor_leaks_into_the_box(tmp_path):
+    leaked = tmp_path / "leak"
+    leaked.write_text("x")
+    fd = os.open(leaked, os.O_RDONLY)
+    os.set_inheritable(fd, True)
+    try:
+        script = f"import os; print(sorted(os.listdir('/proc/self/fd')))"
+        host = subprocess.run([sys.executable, "-c", script], pass_fds=[fd], capture_output=True)
+        assert str(fd).encode() in host.stdout  # an inherited fd is visible like this
+        cli = subprocess.run([str(Path(sys.executable).parent / "sandbox"), "exec", "--",
+                              "python3", "-c", script], pass_fds=[fd], capture_output=True)
+        assert cli.stdout == b"['0', '1', '2', '3']\n"  # 3 is listdir's own directory fd
+    finally:
+        os.close(fd)
+
+
+def test_setuid_binaries_do_not_raise_privileges(tmp_path):
+    out = sandbox.run(["sh", "-c", "ls -l /usr/bin/passwd | cut -c4; su -c id root </dev/null "
+                       "2>&1 | head -1; id -u"])
+    assert out.stdout.endswith(b"1000\n")
+    assert b"uid=0" not in out.stdout
+
+
+def test_fork_bomb_is_contained_and_the_host_can_still_fork():
+    report = sandbox.run(["sh", "-c", ":(){ :|:& };:"], pids=16, wall_time="2s")
+    assert report.verdict in (Verdict.WALL_TIME_LIMIT, Verdict.OK, Verdict.RUNTIME_ERROR)
+    assert subprocess.run(["true"]).returncode == 0
+
+
+def test_sethostname_is_forbidden_and_the_hostname_is_the_boxs():
+    report = box_python("import socket; print(socket.gethostname(), flush=True); socket.sethostname('x')")
+    assert report.stdout == b"box\n"
+    assert report.verdict is Verdict.FORBIDDEN_SYSCALL
+    assert report.forbidden_syscall == "sethostname"

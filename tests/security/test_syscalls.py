@@ -1,0 +1,73 @@
+"""Forbidden syscalls, attempted from inside the box.
+
+Each attack also runs (a) on the host, where it gets through to the kernel, and (b) in a box
+whose profile allows that one syscall, where the kernel (not the filter) answers; so a pass
+here cannot come from a broken test program or a filter that kills everything.
+"""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import sandbox
+from sandbox import Verdict
+
+FORBIDDEN = ["ptrace", "keyctl", "add_key", "bpf", "perf_event_open", "userfaultfd",
+             "io_uring_setup", "mount", "umount2", "unshare", "setns", "pivot_root", "chroot",
+             "sethostname", "settimeofday", "clock_settime", "mknod", "init_module",
+             "kexec_load", "reboot", "process_vm_readv", "open_by_handle_at"]
+
+
+def in_box(prog: Path, call: str, profile: str = "strict") -> sandbox.Report:
+    return sandbox.run(["/box/bin/syscall", call], profile=profile,
+                       binds=[(str(prog), "/box/bin")])
+
+
+@pytest.mark.parametrize("call", FORBIDDEN)
+def test_forbidden_syscall_ends_the_run_with_its_name(cprog, call):
+    report = in_box(cprog("syscall"), call)
+    assert report.verdict is Verdict.FORBIDDEN_SYSCALL, report
+    assert report.forbidden_syscall == call
+    assert report.stdout == b""  # the call never returned into the program
+    assert report.cli_exit_code() == 128 + 31
+
+
+@pytest.mark.parametrize("call", FORBIDDEN)
+def test_the_same_call_reaches_the_kernel_when_a_profile_allows_it(cprog, call, tmp_path):
+    profile = tmp_path / "loose.toml"
+    profile.write_text(f'extends = "strict"\n[[seccomp.rule]]\nsyscalls = ["{call}"]\n'
+                       'action = "allow"\n')
+    report = in_box(cprog("syscall"), call, profile=str(profile))
+    assert report.verdict is not Verdict.FORBIDDEN_SYSCALL
+    assert report.stdout.startswith(f"{call} returned".encode())
+
+
+@pytest.mark.parametrize(("call", "name"), [
+    ("clone_newuser", "clone"), ("x32_getpid", "getpid (x32)"), ("int80_getpid", "getpid (x86)"),
+])
+def test_namespace_clone_and_foreign_abis_are_forbidden(cprog, call, name):
+    report = in_box(cprog("syscall"), call)
+    assert (report.verdict, report.forbidden_syscall) == (Verdict.FORBIDDEN_SYSCALL, name)
+
+
+@pytest.mark.parametrize("call", ["clone_newuser", "int80_getpid"])
+def test_those_calls_work_on_the_host(cprog, call):
+    out = subprocess.run([str(cprog("syscall") / "syscall"), call], capture_output=True)
+    assert b"errno 0 " in out.stdout, out.stdout
+
+
+def test_clone3_answers_enosys_so_libc_falls_back_to_clone(cprog):
+    report = in_box(cprog("syscall"), "clone3")
+    assert report.verdict is Verdict.OK and b"errno 38 " in report.stdout
+    host = subprocess.run([str(cprog("syscall") / "syscall"), "clone3"], capture_output=True)
+    assert b"errno 38 " not in host.stdout  # the kernel itself would answer EINVAL
+
+
+def test_threads_and_subprocesses_still_work_under_strict():
+    code = ("import threading, subprocess; t = threading.Thread(target=print, args=('t',)); "
+            "t.start(); t.join(); print(subprocess.run(['echo', 'sub'], capture_output=True)"
+            ".stdout.decode().strip())")
+    report = sandbox.run(["python3", "-c", code])
+    assert report.verdict is Verdict.OK, report.stderr
+    assert report.stdout == b"t\nsub\n"
