@@ -6,10 +6,24 @@
 (<Verdict.OK: 'ok'>, b'42\\n')
 """
 
-from .api import run
+from typing import TYPE_CHECKING, Any
+
 from .errors import ConfigError, HostError, SandboxError
 from .report import AppliedLimit, Report, Verdict
 from .spec import Bind
+
+if TYPE_CHECKING:
+    from .api import run
+
+
+def __getattr__(name: str) -> Any:
+    # The library entry point loads on first use, so the CLI never pays for the helper's imports.
+    if name == "run":
+        from .api import run
+
+        return run
+    raise AttributeError(f"module 'sandbox' has no attribute {name!r}")
+
 
 __all__ = [
     "AppliedLimit",

@@ -182,6 +182,8 @@ class V2Box:
 
     def kill(self) -> None:
         # cgroup.kill (5.14+) kills every task atomically, including ones forking right now.
+        if not _read(self.path / "cgroup.procs").strip():
+            return
         _write(self.path / "cgroup.kill", "1")
         _wait_empty(self.path / "cgroup.procs")
 
@@ -299,6 +301,8 @@ class V1Box:
         # Freeze first so nothing can fork between reading the task list and killing it
         # (cgroup-v1/freezer-subsystem.rst), then kill, thaw so the kills are delivered.
         freezer = self.paths["freezer"]
+        if not _read(freezer / "cgroup.procs").strip():
+            return  # already empty: freezing costs a millisecond for nothing
         _write(freezer / "freezer.state", "FROZEN")
         deadline = time.monotonic() + 2.0
         while _read(freezer / "freezer.state").strip() != "FROZEN" and time.monotonic() < deadline:

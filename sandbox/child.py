@@ -62,6 +62,7 @@ class ChildPlan:
     bpf: bytes
     listener: bool
     supervisor_pid: int
+    root_ready: tuple[int, int]  # pipe: init writes one byte when the root is built
 
 
 class PhaseError(Exception):
@@ -90,7 +91,7 @@ def die_with_supervisor(k: KernelOps, plan: ChildPlan) -> None:
 
 def isolate_fds(k: KernelOps, plan: ChildPlan) -> None:
     """Keep only what the box needs: the caller's other fds must never reach it."""
-    k.close_fds_except((*plan.stdio, plan.sync.fileno()))
+    k.close_fds_except((*plan.stdio, plan.sync.fileno(), *plan.root_ready))
 
 
 def drop_groups(k: KernelOps, plan: ChildPlan) -> None:
@@ -142,6 +143,12 @@ def mount_root(k: KernelOps, plan: ChildPlan) -> None:
     build_root(k, plan.root)
 
 
+def announce_root(k: KernelOps, plan: ChildPlan) -> None:
+    """Tell the program's process (forked early, waiting) that the root is ready."""
+    os.write(plan.root_ready[1], b"1")
+    os.close(plan.root_ready[1])
+
+
 def rearm_death_signal(k: KernelOps, plan: ChildPlan) -> None:
     """Building the root changed the filesystem uid, which clears the parent-death signal
     (prctl(2), PR_SET_PDEATHSIG): set it again, and check again that setup is still there."""
@@ -163,13 +170,16 @@ def protect_init(k: KernelOps, plan: ChildPlan) -> None:
     k.set_dumpable(False)
 
 
+#: Before init forks the program's process. It is forked this early so the (slow) move into
+#: the box cgroup, which costs the kernel an RCU grace period, overlaps building the root.
+INIT_EARLY_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (die_with_parent,)
 INIT_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (
-    die_with_parent,
     mount_root,
     rearm_death_signal,
     set_hostname,
     set_up_network,
     protect_init,
+    announce_root,
 )
 
 
@@ -180,6 +190,20 @@ def join_cgroup(k: KernelOps, plan: ChildPlan) -> None:
     """The supervisor moves this process (known from SCM_CREDENTIALS) into the box cgroup."""
     protocol.send(plan.sync, protocol.ATTACH)
     _wait_for_go(plan, "join_cgroup")
+
+
+def await_root(k: KernelOps, plan: ChildPlan) -> None:
+    """Wait for init to build the root, then enter the work dir.
+
+    pivot_root(2) moved this process's root (it was the old root) but not its working
+    directory, which was the caller's: it must be replaced before anything else runs here.
+    """
+    read_end, write_end = plan.root_ready
+    os.close(write_end)
+    if os.read(read_end, 1) != b"1":
+        raise PhaseError("await_root", "wait for the root", 0, "init failed to build it")
+    os.close(read_end)
+    k.chdir(plan.root.workdir)
 
 
 def unshare_cgroup(k: KernelOps, plan: ChildPlan) -> None:
@@ -227,6 +251,7 @@ def drop_capabilities(k: KernelOps, plan: ChildPlan) -> None:
 
 PROGRAM_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (
     join_cgroup,
+    await_root,
     unshare_cgroup,
     switch_ids,
     new_session,
@@ -306,11 +331,13 @@ def _program(k: KernelOps, plan: ChildPlan) -> None:
 
 
 def _init(k: KernelOps, plan: ChildPlan) -> int:
-    """pid 1: set up, fork the program, reap every child until the program exits."""
-    _run_phases(k, plan, INIT_PHASES)
+    """pid 1: fork the program's process early, set up, reap every child until it exits."""
+    _run_phases(k, plan, INIT_EARLY_PHASES)
     program = os.fork()
     if program == 0:
         _in_child(k, plan, _program)
+    os.close(plan.root_ready[0])
+    _run_phases(k, plan, INIT_PHASES)
     # pid 1 ignores signals it has no handler for, sent from inside its namespace; drop the
     # handlers Python installed so the program cannot make init raise (pid_namespaces(7)).
     signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -6,8 +6,6 @@ import logging
 import sys
 from typing import Any
 
-import structlog
-
 from .report import Report
 
 
@@ -29,11 +27,15 @@ def run_event(report: Report) -> dict[str, Any]:
 
 def log_run(report: Report) -> None:
     """Emit the one ``box_finished`` event of a run."""
+    import structlog  # here, not at import: it costs the CLI 25 ms when logging is off
+
     structlog.get_logger("sandbox").info("box_finished", **run_event(report))
 
 
 def configure(fmt: str, level: str) -> None:
     """CLI only: render events as JSON lines or for a console, to stderr."""
+    import structlog
+
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"

@@ -178,6 +178,7 @@ def run_box(
         stack.callback(parent_sock.close)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        root_ready = os.pipe2(os.O_CLOEXEC)
         plan = child.ChildPlan(
             argv=spec.argv,
             env=spec.environment,
@@ -193,13 +194,14 @@ def run_box(
             bpf=bpf,
             listener=listener,
             supervisor_pid=os.getpid(),
+            root_ready=root_ready,
         )
         try:
             pid = child.start(Kernel(), plan)
         finally:
             child_sock.close()
-            os.close(out_w)
-            os.close(err_w)
+            for fd in (out_w, err_w, *root_ready):
+                os.close(fd)
         run = _Run(started=started)
         run.streams = {out_r: _Stream(stdout, limits.output), err_r: _Stream(stderr, limits.output)}
         usage = _supervise(spec, run, pid, parent_sock, ids, box, cancel_fd)

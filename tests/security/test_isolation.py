@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -65,8 +66,11 @@ def test_another_processes_environment_is_not_visible():
     env = {**os.environ, "SANDBOX_TEST_SECRET": "hunter2"}
     victim = subprocess.Popen(["sleep", "30"], env=env)
     try:
-        path = f"/proc/{victim.pid}/environ"
-        assert b"hunter2" in Path(path).read_bytes()
+        path = Path(f"/proc/{victim.pid}/environ")
+        deadline = time.monotonic() + 5
+        while b"hunter2" not in path.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the victim has exec'd
+        assert b"hunter2" in path.read_bytes()
         code = ("found = []\nfor p in os.listdir('/proc'):\n if p.isdigit():\n  try:\n"
                 "   found.append(b'hunter2' in open(f'/proc/{p}/environ','rb').read())\n"
                 "  except OSError: pass\nprint(any(found), len(os.listdir('/proc')) > 0)")

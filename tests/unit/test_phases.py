@@ -38,7 +38,8 @@ def plan():
     p = child.ChildPlan(argv=("/bin/true",), env={"PATH": "/bin"}, hostname="box",
                         network=NetworkMode.NONE, uid=1000, gid=1000, drop_groups=True, root=root,
                         rlimits=((4, 0),), stdio=(0, 1, 2), sync=theirs, bpf=b"\0" * 8,
-                        listener=True, supervisor_pid=os.getppid())
+                        listener=True, supervisor_pid=os.getppid(), root_ready=os.pipe())
+    os.write(p.root_ready[1], b"1")
     yield p, ours
     ours.close()
     theirs.close()
@@ -79,10 +80,12 @@ def test_program_phases_end_with_privileges_dropped_then_seccomp_then_execve(pla
 
 
 def test_phase_lists_keep_the_documented_order():
+    assert [f.__name__ for f in child.INIT_EARLY_PHASES] == ["die_with_parent"]
     init = [f.__name__ for f in child.INIT_PHASES]
-    assert init[0] == "die_with_parent" and init.index("mount_root") < init.index("protect_init")
+    assert init[0] == "mount_root" and init[1] == "rearm_death_signal"
+    assert init.index("protect_init") < init.index("announce_root") == len(init) - 1
     program = [f.__name__ for f in child.PROGRAM_PHASES]
-    assert program[0] == "join_cgroup"  # nothing runs in the box cgroup before it is joined
+    assert program[:2] == ["join_cgroup", "await_root"]  # joined and in the new root first
     assert program[-2:] == ["no_new_privs", "drop_capabilities"]
     assert child.FINAL_STEPS == ("install_seccomp", "execve")
 
@@ -102,7 +105,7 @@ def test_a_failing_phase_is_reported_with_its_name_and_errno(plan):
 
 def test_a_missing_program_is_reported_before_seccomp(plan):
     p, supervisor = plan
-    p = child.ChildPlan(**{**p.__dict__, "argv": ("no-such-program",)})
+    p = child.ChildPlan(**{**p.__dict__, "argv": ("no-such-program",)})  # type: ignore[arg-type]
     k = RecordingKernel()
     child.exec_program(k, p)
     assert "install_seccomp" not in k.names
