@@ -42,7 +42,7 @@ class BoxCgroup(Protocol):
 
     backend: str
 
-    def attach(self, pid: int) -> None: ...
+    def open_entry(self) -> tuple[int, ...]: ...
     def cpu_usage(self) -> CpuUsage: ...
     def memory_peak(self) -> int | None: ...
     def pids_peak(self) -> int | None: ...
@@ -155,8 +155,8 @@ class V2Box:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def attach(self, pid: int) -> None:
-        _write(self.path / "cgroup.procs", str(pid))
+    def open_entry(self) -> tuple[int, ...]:
+        return (os.open(self.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC),)
 
     def cpu_usage(self) -> CpuUsage:
         stat = _keyed(self.path / "cpu.stat")
@@ -268,9 +268,12 @@ class V1Box:
     def __init__(self, paths: dict[str, Path]) -> None:
         self.paths = paths
 
-    def attach(self, pid: int) -> None:
-        for path in self.paths.values():
-            _write(path / "cgroup.procs", str(pid))
+    def open_entry(self) -> tuple[int, ...]:
+        # A single thread writing "0" to ``tasks`` moves itself without the global threadgroup
+        # lock that a write to cgroup.procs takes, whose first use costs an RCU grace period
+        # (5-15 ms); the kernel checks the credentials of whoever opened the file, not of the
+        # writer (cgroup-v1.c, __cgroup1_procs_write).
+        return tuple(os.open(p / "tasks", os.O_WRONLY | os.O_CLOEXEC) for p in self.paths.values())
 
     def cpu_usage(self) -> CpuUsage:
         # cpuacct.usage is in ns; cpuacct.stat splits it only in USER_HZ ticks, so the split is

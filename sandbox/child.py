@@ -63,6 +63,7 @@ class ChildPlan:
     listener: bool
     supervisor_pid: int
     root_ready: tuple[int, int]  # pipe: init writes one byte when the root is built
+    cgroup_entry: tuple[int, ...]  # files that move their writer into the box cgroup
 
 
 class PhaseError(Exception):
@@ -91,7 +92,7 @@ def die_with_supervisor(k: KernelOps, plan: ChildPlan) -> None:
 
 def isolate_fds(k: KernelOps, plan: ChildPlan) -> None:
     """Keep only what the box needs: the caller's other fds must never reach it."""
-    k.close_fds_except((*plan.stdio, plan.sync.fileno(), *plan.root_ready))
+    k.close_fds_except((*plan.stdio, plan.sync.fileno(), *plan.root_ready, *plan.cgroup_entry))
 
 
 def drop_groups(k: KernelOps, plan: ChildPlan) -> None:
@@ -187,9 +188,9 @@ INIT_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (
 
 
 def join_cgroup(k: KernelOps, plan: ChildPlan) -> None:
-    """The supervisor moves this process (known from SCM_CREDENTIALS) into the box cgroup."""
-    protocol.send(plan.sync, protocol.ATTACH)
-    _wait_for_go(plan, "join_cgroup")
+    """Move into the box cgroup through the files the supervisor opened ("0" is the writer)."""
+    for fd in plan.cgroup_entry:
+        k.join_cgroup(fd)
 
 
 def await_root(k: KernelOps, plan: ChildPlan) -> None:
@@ -336,7 +337,8 @@ def _init(k: KernelOps, plan: ChildPlan) -> int:
     program = os.fork()
     if program == 0:
         _in_child(k, plan, _program)
-    os.close(plan.root_ready[0])
+    for fd in (plan.root_ready[0], *plan.cgroup_entry):
+        os.close(fd)
     _run_phases(k, plan, INIT_PHASES)
     # pid 1 ignores signals it has no handler for, sent from inside its namespace; drop the
     # handlers Python installed so the program cannot make init raise (pid_namespaces(7)).

@@ -70,8 +70,9 @@ def find_profile(name_or_path: str, *, relative_to: Path | None = None) -> Path:
             if path.stat().st_size >= 0 and not path.is_file():
                 raise ConfigError(name_or_path, None, "not a regular file")
         except OSError as e:
-            raise ConfigError(name_or_path, None, f"cannot use the profile file: {e.strerror}"
-                              ) from None
+            raise ConfigError(
+                name_or_path, None, f"cannot use the profile file: {e.strerror}"
+            ) from None
         return path
     if not _NAME.match(name_or_path):
         raise ConfigError(

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 # Child -> supervisor.
 UNSHARED = "unshared"  # namespaces exist: write the id maps
-ATTACH = "attach"  # the program's process asks to be put in the box's cgroup
 EXEC = "exec"  # execve is next; may carry the seccomp listener fd
 SETUP_ERROR = "error"  # a phase failed: phase, op, errno, detail
 EXEC_ERROR = "exec_error"  # execve failed: errno
@@ -26,7 +25,6 @@ GO = "go"
 
 _FIELDS: dict[str, dict[str, type]] = {
     UNSHARED: {},
-    ATTACH: {},
     EXEC: {},
     SETUP_ERROR: {"phase": str, "op": str, "errno": int, "detail": str},
     EXEC_ERROR: {"errno": int},

@@ -179,6 +179,7 @@ def run_box(
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         root_ready = os.pipe2(os.O_CLOEXEC)
+        entry = box.open_entry() if box is not None else ()
         plan = child.ChildPlan(
             argv=spec.argv,
             env=spec.environment,
@@ -195,12 +196,13 @@ def run_box(
             listener=listener,
             supervisor_pid=os.getpid(),
             root_ready=root_ready,
+            cgroup_entry=entry,
         )
         try:
             pid = child.start(Kernel(), plan)
         finally:
             child_sock.close()
-            for fd in (out_w, err_w, *root_ready):
+            for fd in (out_w, err_w, *root_ready, *entry):
                 os.close(fd)
         run = _Run(started=started)
         run.streams = {out_r: _Stream(stdout, limits.output), err_r: _Stream(stderr, limits.output)}
@@ -286,10 +288,6 @@ def _on_message(
 ) -> None:
     if msg.kind == protocol.UNSHARED:
         userns.write_maps(msg.pid, spec.profile.uid, spec.profile.gid, ids)
-        protocol.send(sock, protocol.GO)
-    elif msg.kind == protocol.ATTACH:
-        if box is not None:
-            box.attach(msg.pid)
         protocol.send(sock, protocol.GO)
     elif msg.kind == protocol.EXEC:
         run.exec_at = time.monotonic()

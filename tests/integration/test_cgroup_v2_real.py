@@ -1,11 +1,12 @@
-"""The cgroup v2 backend's kill and attach on the real unified hierarchy, where it is mounted.
+"""The cgroup v2 box: entry, kill and removal on the real unified hierarchy, where mounted.
 
 This host's v2 mount has no memory or pids controllers, so limits are tested for real on v1;
-cgroup.procs, cgroup.kill and removal need no controller and are tested here for real.
+entry through cgroup.procs, cgroup.kill and removal need no controller and are tested here for real.
 """
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,11 +34,19 @@ def v2_cgroup():
         cgroups.V2Box(path).destroy()
 
 
-def test_v2_box_attach_kill_destroy(v2_cgroup):
-    procs = [subprocess.Popen(["sleep", "100"]) for _ in range(3)]
+def test_v2_box_entry_kill_destroy(v2_cgroup):
     box = cgroups.V2Box(v2_cgroup)
-    for p in procs:
-        box.attach(p.pid)
+    procs = []
+    for _ in range(3):
+        (entry,) = box.open_entry()
+        # The child moves itself by writing "0" with the descriptor opened here, as a box does.
+        code = f"import os; os.write({entry}, b'0'); os.execvp('sleep', ['sleep', '100'])"
+        procs.append(subprocess.Popen([sys.executable, "-c", code], pass_fds=[entry]))
+        os.close(entry)
+    deadline = time.monotonic() + 5
+    while len((v2_cgroup / "cgroup.procs").read_text().split()) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     assert sorted(int(x) for x in (v2_cgroup / "cgroup.procs").read_text().split()) == sorted(
         p.pid for p in procs)
     started = time.monotonic()
