@@ -20,6 +20,7 @@ Child (:func:`build_root`, run by the box's init inside its user and mount names
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -102,11 +103,17 @@ def _check_source(bind: Bind, source_name: str) -> MountSource:
             source_name, f"bind {bind.source}:{bind.target}", f"cannot use the source: {e.strerror}"
         ) from None
     return MountSource(
-        os.path.realpath(bind.source), bind.target, bind.writable, stat.S_ISDIR(st.st_mode)
+        os.path.realpath(bind.source),
+        os.path.normpath(bind.target),
+        bind.writable,
+        stat.S_ISDIR(st.st_mode),
     )
 
 
 def _check_target(bind: Bind, source_name: str) -> None:
+    if ".." in bind.target.split("/") or "\0" in bind.target:
+        raise ConfigError(source_name, f"bind {bind.source}:{bind.target}",
+                          "the target must not contain '..'")
     target = os.path.normpath(bind.target)
     if (
         not target.startswith("/")
@@ -143,6 +150,25 @@ def plan_root(spec: Spec) -> RootPlan:
 
 def _is_under(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _refuse_escape(root: str, path: str) -> None:
+    """A mount point's parent must resolve inside the new root (a symlink in a layer could
+    otherwise point a mount, or a created mount point, at a path of the host)."""
+    real = os.path.realpath(path)
+    if real != root and not real.startswith(root + "/"):
+        raise OSError(errno.ELOOP, "mount point resolves outside the box's root", path)
+
+
+def _refuse_layer_symlinks(layer_fds: list[int], target: str) -> None:
+    """A directory made in the upper layer would hide a layer's symlink of the same name
+    (``/bin -> usr/bin``) and break every path through it: bind to the real path instead."""
+    parts = target.strip("/").split("/")
+    for depth in range(1, len(parts)):
+        prefix = "/" + "/".join(parts[:depth])
+        for fd in layer_fds:
+            if os.path.islink(f"/proc/self/fd/{fd}{prefix}"):
+                raise OSError(errno.ELOOP, f"{prefix} is a symlink in the image", target)
 
 
 def _make_mount_point(path: str, is_dir: bool) -> None:
@@ -187,6 +213,7 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
         inside_writable = any(_is_under(source.target, d) for d in writable_dirs)
         in_layers = any(os.path.lexists(f"/proc/self/fd/{fd}{source.target}") for fd in layer_fds)
         if not inside_writable and not in_layers:
+            _refuse_layer_symlinks(layer_fds, source.target)
             _make_mount_point(f"{STAGE}/upper{source.target}", source.is_dir)
     lowers = ":".join(f"/proc/self/fd/{fd}" for fd in layer_fds)
     k.mount(
@@ -214,6 +241,7 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
     ro = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
     for source, fd in binds:
         path = root + source.target
+        _refuse_escape(root, os.path.dirname(path))
         _make_mount_point(path, source.is_dir)
         attrs = ro & ~MOUNT_ATTR_RDONLY if source.writable else ro
         _bind(k, f"/proc/self/fd/{fd}", path, attrs)

@@ -299,7 +299,7 @@ def _on_message(
             sel.register(fd, selectors.EVENT_READ, "notify")
     elif msg.kind == protocol.SETUP_ERROR:
         f = msg.fields
-        reason = os.strerror(int(f["errno"])) if f["errno"] else str(f["detail"])
+        reason = str(f["detail"]) or os.strerror(int(f["errno"]))
         run.setup_error = f"box setup failed in phase {f['phase']}: {f['op']}: {reason}"
     elif msg.kind == protocol.EXEC_ERROR:
         run.exec_errno = int(msg.fields["errno"])

@@ -187,3 +187,15 @@ def test_python_dash_m_works():
     result = subprocess.run([sys.executable, "-m", "sandbox", "exec", "--", "echo", "m"],
                             capture_output=True)
     assert result.stdout == b"m\n"
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("/box/../etc", b"must not contain '..'"),
+    ("/proc/x", b"outside /, /proc and /dev"),
+    ("/bin/zzz", b"/bin is a symlink in the image"),
+])
+def test_bind_targets_that_would_escape_or_shadow_are_refused(tmp_path, target, message):
+    os.chmod(tmp_path, 0o755)
+    result = exec_("--ro-bind", f"{tmp_path}:{target}", "--", "true")
+    assert result.returncode == 125
+    assert message in result.stderr

@@ -202,3 +202,17 @@ def test_sethostname_is_forbidden_and_the_hostname_is_the_boxs():
     assert report.stdout == b"box\n"
     assert report.verdict is Verdict.FORBIDDEN_SYSCALL
     assert report.forbidden_syscall == "sethostname"
+
+
+def test_host_abstract_unix_sockets_are_unreachable():
+    name = f"\0sandbox-test-{os.getpid()}"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(name)
+    server.listen()
+    try:
+        code = (f"s = socket.socket(socket.AF_UNIX)\ntry:\n s.connect({name!r}); print('connected')"
+                "\nexcept OSError as e:\n print(errno.errorcode[e.errno])")
+        assert host_python(code).stdout == b"connected\n"
+        assert box_python(code).stdout == b"ECONNREFUSED\n"  # its own network namespace
+    finally:
+        server.close()
