@@ -25,6 +25,7 @@ import os
 import select
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -307,7 +308,11 @@ def exec_program(k: KernelOps, plan: ChildPlan) -> None:
         listener = k.install_seccomp(plan.bpf, listener=plan.listener)
     except OSError as e:
         raise PhaseError("install_seccomp", "seccomp", e.errno or 0) from None
-    protocol.send(plan.sync, protocol.EXEC, fds=(listener,) if plan.listener else ())
+    # CLOCK_MONOTONIC is one clock for every namespace (no time namespace is made), so the
+    # supervisor can measure wall time from this instant rather than from its own wake-up.
+    protocol.send(
+        plan.sync, protocol.EXEC, fds=(listener,) if plan.listener else (), at=time.monotonic_ns()
+    )
     try:
         k.execve(path, plan.argv, plan.env)
     except OSError as e:
@@ -344,9 +349,17 @@ def _init(k: KernelOps, plan: ChildPlan) -> int:
     # handlers Python installed so the program cannot make init raise (pid_namespaces(7)).
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     while True:
-        pid, status, _ = os.wait4(-1, 0)
+        pid, status, usage = os.wait4(-1, 0)
         if pid == program:
-            protocol.send(plan.sync, protocol.EXITED, status=status)
+            protocol.send(
+                plan.sync,
+                protocol.EXITED,
+                status=status,
+                at=time.monotonic_ns(),
+                utime_us=int(usage.ru_utime * 1e6),
+                stime_us=int(usage.ru_stime * 1e6),
+                maxrss_kb=usage.ru_maxrss,
+            )
             return 0
 
 

@@ -9,10 +9,11 @@ error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +31,9 @@ _LIMIT_FLAGS = {
     "output": "--output-limit",
     "tmp_size": "--tmp-size",
     "work_size": "--work-size",
+    "extra_time": "--extra-time",
+    "cpu_quota": "--cpu-quota",
+    "cpus": "--cpus",
 }
 _LIMIT_HELP = {
     "wall_time": "seconds (2, 2.5s, 500ms)",
@@ -42,6 +46,9 @@ _LIMIT_HELP = {
     "output": "bytes per output stream",
     "tmp_size": "size of /tmp",
     "work_size": "size of the work dir",
+    "extra_time": "grace seconds before a time limit kills (still a time-limit verdict)",
+    "cpu_quota": "CPUs' worth of time (1.5 = one and a half CPUs)",
+    "cpus": "CPUs to pin the box to (0-1,3)",
 }
 
 
@@ -77,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     for name in LIMIT_NAMES:
         ex.add_argument(_LIMIT_FLAGS[name], dest=name, metavar="N", help=_LIMIT_HELP[name])
     ex.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    ex.add_argument("--meta", metavar="FILE", help="write an isolate-style key:value meta file")
+    ex.add_argument("--stdin", metavar="FILE", help="read the program's stdin from FILE")
+    ex.add_argument("--stdout", metavar="FILE", help="write the program's stdout to FILE")
+    ex.add_argument("--stderr", metavar="FILE", help="write the program's stderr to FILE")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
 
     prof = sub.add_parser("profile", help="show, check or list profiles")
@@ -106,6 +117,33 @@ def _write_atomically(path: str, text: str) -> None:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     tmp.replace(target)
+
+
+@contextlib.contextmanager
+def _stdio(args: argparse.Namespace) -> Iterator[tuple[int, int, int]]:
+    """The program's stdin/stdout/stderr: the CLI's own, or the files given."""
+    from .errors import ConfigError
+
+    opened: list[int] = []
+    fds = [0, 1, 2]
+    try:
+        for index, (name, flags) in enumerate((
+            ("stdin", os.O_RDONLY),
+            ("stdout", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+            ("stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+        )):
+            path = getattr(args, name)
+            if path is not None:
+                try:
+                    fds[index] = os.open(path, flags | os.O_CLOEXEC, 0o644)
+                except OSError as e:
+                    raise ConfigError("command line", f"--{name}",
+                                      f"cannot open {path}: {e.strerror}") from None
+                opened.append(fds[index])
+        yield fds[0], fds[1], fds[2]
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 def _exec(args: argparse.Namespace) -> int:
@@ -141,11 +179,16 @@ def _exec(args: argparse.Namespace) -> int:
     spec = resolve(request)
     for note in spec.clamped:
         print(f"sandbox: clamped by policy: {note}", file=sys.stderr)
-    report = run_box(spec, 0, FdSink(1), FdSink(2))
+    with _stdio(args) as (stdin_fd, stdout_fd, stderr_fd):
+        report = run_box(spec, stdin_fd, FdSink(stdout_fd), FdSink(stderr_fd))
     if args.log_level in ("debug", "info"):  # below that the event would be filtered anyway
         logs.log_run(report)
     if args.report:
         _write_atomically(args.report, report.to_json())
+    if args.meta:
+        from .meta import render_meta
+
+        _write_atomically(args.meta, render_meta(report))
     if report.error:
         print(f"sandbox: {report.error}", file=sys.stderr)
     return report.cli_exit_code()

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .profiles import parse_limits, read_toml
-from .spec import NetworkMode
+from .spec import UNORDERED_LIMITS, NetworkMode
 
 ATTRIBUTES = ("purpose", "language", "tenant")
 _TOP_KEYS = {"description", "default_profile", "rule", "ceilings", "allow"}
@@ -111,6 +111,8 @@ def load_policy(path: str | Path) -> Policy:
     if not isinstance(ceilings_raw, dict):
         raise ConfigError(source, "ceilings", "expected a table")
     ceilings = parse_limits(ceilings_raw, lambda k, p: ConfigError(source, f"ceilings.{k}", p))
+    for name in UNORDERED_LIMITS & set(ceilings):
+        raise ConfigError(source, f"ceilings.{name}", "this limit has no order, so no ceiling")
     allow = raw.get("allow", {})
     if not isinstance(allow, dict):
         raise ConfigError(source, "allow", "expected a table")

@@ -34,7 +34,7 @@ from .spec import (
     SeccompPolicy,
     SeccompRule,
 )
-from .units import parse_duration, parse_size
+from .units import parse_cpu_list, parse_duration, parse_size
 
 _T = TypeVar("_T")
 _E = TypeVar("_E", NetworkMode, SeccompAction, Fallback)
@@ -353,16 +353,26 @@ class _Validator:
         return SeccompRule(syscalls, action, err, tuple(conditions))
 
 
-def parse_limits(
-    values: dict[str, Any], fail: Callable[[str, str], Exception]
-) -> dict[str, float | int]:
+def parse_limits(values: dict[str, Any], fail: Callable[[str, str], Exception]) -> dict[str, Any]:
     """Validate limit values from any source (profile, policy, CLI, API) into Limits units."""
-    out: dict[str, float | int] = {}
+    out: dict[str, Any] = {}
     for key, value in values.items():
         if key not in LIMIT_NAMES:
             raise fail(key, "unknown limit (expected one of " + ", ".join(LIMIT_NAMES) + ")")
         try:
-            if key in DURATION_LIMITS:
+            if key == "extra_time" and value in (0, "0", "0s", "0ms"):
+                out[key] = 0.0
+            elif key == "cpus":
+                out[key] = parse_cpu_list(value)
+            elif key == "cpu_quota":
+                try:
+                    quota = float(value) if not isinstance(value, bool) else -1.0
+                except (TypeError, ValueError):
+                    quota = -1.0
+                if not 0.01 <= quota <= 4096:
+                    raise ValueError(f"expected a number of CPUs from 0.01, got {value!r}")
+                out[key] = quota
+            elif key in DURATION_LIMITS:
                 out[key] = parse_duration(value)
             elif key in SIZE_LIMITS:
                 out[key] = parse_size(value)

@@ -25,10 +25,10 @@ GO = "go"
 
 _FIELDS: dict[str, dict[str, type]] = {
     UNSHARED: {},
-    EXEC: {},
+    EXEC: {"at": int},
     SETUP_ERROR: {"phase": str, "op": str, "errno": int, "detail": str},
     EXEC_ERROR: {"errno": int},
-    EXITED: {"status": int},
+    EXITED: {"status": int, "at": int, "utime_us": int, "stime_us": int, "maxrss_kb": int},
     GO: {},
 }
 MAX_MESSAGE = 4096

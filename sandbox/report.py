@@ -47,6 +47,8 @@ class Report:
     cpu_system: float
     wall_time: float
     memory_peak: int | None
+    max_rss: int | None
+    pids_peak: int | None
     oom_killed: bool
     forbidden_syscall: str | None
     profile: str
@@ -60,6 +62,8 @@ class Report:
     limit_fired: str | None = None
     error: str | None = None
     setup_time: float = 0.0
+    clamped: tuple[str, ...] = ()
+    host: dict[str, str | int | None] = field(default_factory=dict)
     stdout: bytes | None = field(default=None, repr=False)
     stderr: bytes | None = field(default=None, repr=False)
 

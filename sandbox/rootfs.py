@@ -112,8 +112,9 @@ def _check_source(bind: Bind, source_name: str) -> MountSource:
 
 def _check_target(bind: Bind, source_name: str) -> None:
     if ".." in bind.target.split("/") or "\0" in bind.target:
-        raise ConfigError(source_name, f"bind {bind.source}:{bind.target}",
-                          "the target must not contain '..'")
+        raise ConfigError(
+            source_name, f"bind {bind.source}:{bind.target}", "the target must not contain '..'"
+        )
     target = os.path.normpath(bind.target)
     if (
         not target.startswith("/")

@@ -23,9 +23,14 @@ LIMIT_NAMES = (
     "output",
     "tmp_size",
     "work_size",
+    "extra_time",
+    "cpu_quota",
+    "cpus",
 )
-#: Limits given in seconds; every other limit is an integer.
-DURATION_LIMITS = frozenset({"wall_time", "cpu_time"})
+#: Limits given in seconds.
+DURATION_LIMITS = frozenset({"wall_time", "cpu_time", "extra_time"})
+#: Limits that are not ordered, so a policy cannot put a ceiling on them.
+UNORDERED_LIMITS = frozenset({"cpus"})
 #: Limits given in bytes (accept ``64M`` style sizes).
 SIZE_LIMITS = frozenset({"memory", "fsize", "stack", "output", "tmp_size", "work_size"})
 
@@ -66,8 +71,11 @@ class Limits:
     output: int | None = None
     tmp_size: int = 16 << 20
     work_size: int = 16 << 20
+    extra_time: float = 0.0  # grace after a time limit before the kill (isolate's --extra-time)
+    cpu_quota: float | None = None  # CPUs' worth of time per period (cgroup cpu controller)
+    cpus: tuple[int, ...] | None = None  # CPUs the box may run on (cgroup cpuset)
 
-    def merged(self, **overrides: float | None) -> Limits:
+    def merged(self, **overrides: object) -> Limits:
         """Return a copy with the given limits replaced (``None`` values are ignored)."""
         changes: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
         return replace(self, **changes)

@@ -23,13 +23,16 @@ from typing import Protocol
 
 from . import cgroups, child, protocol, seccomp, userns
 from .errors import HostError
+from .hostinfo import host_facts
 from .kernel import Kernel
-from .report import AppliedLimit, Report, Verdict, exec_failure_exit_code
-from .rootfs import RootPlan, plan_root
+from .report import AppliedLimit, Report
+from .rootfs import plan_root
 from .spec import Fallback, Limits, Spec
+from .verdict import Observed, decide
 
 SETUP_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 2.0
+MIN_WAIT = 0.0005  # the loop's shortest sleep: bounds how late a CPU limit can be noticed
 CHUNK = 1 << 16
 # seccomp_unotify(2): struct seccomp_notif is {u64 id; u32 pid; u32 flags; struct seccomp_data}
 # and seccomp_data is {int nr; u32 arch; u64 instruction_pointer; u64 args[6]}.
@@ -44,7 +47,7 @@ class Sink(Protocol):
 
 
 class FdSink:
-    """Copy to a file descriptor (the CLI passes its own stdout/stderr)."""
+    """Copy to a file descriptor (the CLI's stdout/stderr, or a file)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -81,15 +84,16 @@ class _Run:
     """Mutable state of one run (never part of the Spec)."""
 
     started: float
-    exec_at: float | None = None
+    exec_at: float | None = None  # CLOCK_MONOTONIC of the program's execve, from the box
+    exited_at: float | None = None  # ... of its end, from the box's init
+    killed_at: float | None = None
     cpu_baseline: float = 0.0
     status: int | None = None
+    program_usage: tuple[float, float, int] | None = None  # utime, stime, max RSS (bytes)
     setup_error: str | None = None
     exec_errno: int | None = None
-    limit_fired: str | None = None
+    killed_for: str | None = None
     forbidden: str | None = None
-    setup_done: bool = False
-    ended_at: float | None = None
     listeners: list[int] = field(default_factory=list)
     streams: dict[int, _Stream] = field(default_factory=dict)
 
@@ -132,7 +136,8 @@ def _rlimits(limits: Limits, fallback: bool) -> tuple[tuple[tuple[int, int], ...
             mechanisms[name] = f"RLIMIT_{resource_name(which)}"
     if limits.cpu_time is not None:
         # Whole seconds only: a backstop for the cgroup figure, or the limit itself without one.
-        table.append((resource.RLIMIT_CPU, math.ceil(limits.cpu_time) + (0 if fallback else 1)))
+        grace = limits.extra_time + (0 if fallback else 1)
+        table.append((resource.RLIMIT_CPU, math.ceil(limits.cpu_time + grace)))
     return tuple(table), mechanisms
 
 
@@ -142,6 +147,23 @@ def resource_name(which: int) -> str:
         if name.startswith("RLIMIT_") and getattr(resource, name) == which:
             return name.removeprefix("RLIMIT_")
     return str(which)
+
+
+def _check_host(spec: Spec, backend: cgroups.CgroupBackend | HostError) -> None:
+    """Fail closed: refuse limits this host cannot enforce, unless the profile allows a fallback."""
+    if not isinstance(backend, HostError):
+        return
+    limits = spec.limits
+    if limits.cpu_quota is not None or limits.cpus is not None:
+        raise HostError(
+            f"cannot enforce cpu_quota or cpus without cgroups: {backend.message}",
+            hint=backend.hint,
+        )
+    needs_cgroup = limits.memory is not None or limits.pids is not None
+    if needs_cgroup and spec.profile.fallback is not Fallback.RLIMIT:
+        raise HostError(
+            f"cannot enforce the memory and pids limits: {backend.message}", hint=backend.hint
+        )
 
 
 def run_box(
@@ -154,23 +176,14 @@ def run_box(
     started = time.monotonic()
     limits = spec.limits
     backend = cgroup_backend()
-    use_fallback = isinstance(backend, HostError)
-    needs_cgroup = limits.memory is not None or limits.pids is not None
-    if (
-        isinstance(backend, HostError)
-        and needs_cgroup
-        and spec.profile.fallback is not Fallback.RLIMIT
-    ):
-        raise HostError(
-            f"cannot enforce the memory and pids limits: {backend.message}", hint=backend.hint
-        )
+    _check_host(spec, backend)
     listener = listener_supported()
     bpf = seccomp.compile_filter(spec.profile.seccomp, notify=listener)
-    rlimits, mechanisms = _rlimits(limits, use_fallback)
+    rlimits, mechanisms = _rlimits(limits, isinstance(backend, HostError))
     with contextlib.ExitStack() as stack:
         ids = userns.allocate()
         stack.callback(ids.release)
-        root: RootPlan = plan_root(spec)
+        root = plan_root(spec)
         box = None if isinstance(backend, HostError) else backend.create(limits)
         if box is not None:
             stack.callback(box.destroy)
@@ -178,6 +191,8 @@ def run_box(
         stack.callback(parent_sock.close)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        for fd in (out_r, err_r):
+            stack.callback(os.close, fd)
         root_ready = os.pipe2(os.O_CLOEXEC)
         entry = box.open_entry() if box is not None else ()
         plan = child.ChildPlan(
@@ -206,34 +221,74 @@ def run_box(
                 os.close(fd)
         run = _Run(started=started)
         run.streams = {out_r: _Stream(stdout, limits.output), err_r: _Stream(stderr, limits.output)}
-        usage = _supervise(spec, run, pid, parent_sock, ids, box, cancel_fd)
-        memory_peak = box.memory_peak() if box else None
-        oom = box.oom_killed() if box else False
-        cpu_total = usage.ru_utime + usage.ru_stime
-        cpu_user, cpu_system = usage.ru_utime, usage.ru_stime
-        if box is not None:
-            cg = box.cpu_usage()
-            cpu_total = max(cg.total - run.cpu_baseline, 0.0)
-            share = cg.user / cg.total if cg.total else 1.0
-            cpu_user, cpu_system = cpu_total * share, cpu_total * (1 - share)
-        for fd in run.streams:
-            os.close(fd)
-        ended = time.monotonic()
+        usage = _Supervisor(spec, run, pid, parent_sock, ids, box, cancel_fd).run()
+        return _account(spec, run, usage, box, mechanisms, stdout, stderr)
+
+
+def _account(
+    spec: Spec,
+    run: _Run,
+    usage: resource.struct_rusage,
+    box: cgroups.BoxCgroup | None,
+    mechanisms: dict[str, str],
+    stdout: Sink,
+    stderr: Sink,
+) -> Report:
+    """Read the box's figures (before its cgroup is removed) and decide the verdict."""
+    utime, stime, max_rss = run.program_usage or (usage.ru_utime, usage.ru_stime, None)
+    cpu_user, cpu_system = utime, stime
+    if box is not None:
+        cg = box.cpu_usage()
+        total = max(cg.total - run.cpu_baseline, 0.0)
+        share = cg.user / cg.total if cg.total else 1.0
+        cpu_user, cpu_system = total * share, total * (1 - share)
+    end = run.exited_at or run.killed_at or time.monotonic()
+    wall = max(end - run.exec_at, 0.0) if run.exec_at is not None else 0.0
+    oom = box.oom_killed() if box else False
+    decision = decide(
+        Observed(
+            limits=spec.limits,
+            status=run.status,
+            setup_error=run.setup_error,
+            exec_errno=run.exec_errno,
+            killed_for=run.killed_for,
+            started=run.exec_at is not None,
+            cpu_time=cpu_user + cpu_system,
+            wall_time=wall,
+            oom_killed=oom,
+            argv0=spec.argv[0],
+        )
+    )
     cg_name = "none" if box is None else box.backend
-    applied = _applied_limits(limits, cg_name, mechanisms)
-    return _report(
-        spec,
-        run,
-        ended,
-        cpu_total,
-        cpu_user,
-        cpu_system,
-        memory_peak,
-        oom,
-        cg_name,
-        applied,
-        stdout,
-        stderr,
+    out, err = run.streams.values()
+    return Report(
+        verdict=decision.verdict,
+        exit_code=decision.exit_code,
+        signal=decision.signal,
+        cpu_time=round(cpu_user + cpu_system, 6),
+        cpu_user=round(cpu_user, 6),
+        cpu_system=round(cpu_system, 6),
+        wall_time=round(wall, 6),
+        memory_peak=box.memory_peak() if box else None,
+        max_rss=max_rss,
+        pids_peak=box.pids_peak() if box else None,
+        oom_killed=oom,
+        forbidden_syscall=run.forbidden,
+        profile=spec.profile.name,
+        profile_hash=spec.profile.content_hash,
+        cgroup=cg_name,
+        limits=_applied_limits(spec.limits, cg_name, mechanisms),
+        stdout_bytes=out.count,
+        stderr_bytes=err.count,
+        stdout_truncated=out.truncated,
+        stderr_truncated=err.truncated,
+        limit_fired=decision.limit_fired,
+        error=decision.error,
+        setup_time=round((run.exec_at or end) - run.started, 6),
+        clamped=spec.clamped,
+        host=host_facts(),
+        stdout=bytes(stdout.buffer) if isinstance(stdout, BufferSink) else None,
+        stderr=bytes(stderr.buffer) if isinstance(stderr, BufferSink) else None,
     )
 
 
@@ -243,15 +298,26 @@ def _applied_limits(limits: Limits, cg: str, rl: dict[str, str]) -> dict[str, Ap
             "cgroup1 memory.limit_in_bytes+memsw",
             "cgroup1 pids.max",
             "cgroup1 cpuacct.usage",
+            "cgroup1 cpu.cfs_quota_us",
+            "cgroup1 cpuset.cpus",
         ),
-        "cgroup2": ("cgroup2 memory.max (swap 0)", "cgroup2 pids.max", "cgroup2 cpu.stat"),
-        "none": (rl.get("memory", "none"), rl.get("pids", "none"), "RLIMIT_CPU"),
+        "cgroup2": (
+            "cgroup2 memory.max (swap 0)",
+            "cgroup2 pids.max",
+            "cgroup2 cpu.stat",
+            "cgroup2 cpu.max",
+            "cgroup2 cpuset.cpus",
+        ),
+        "none": (rl.get("memory", "none"), rl.get("pids", "none"), "RLIMIT_CPU", "none", "none"),
     }[cg]
     mech = {
         "wall_time": "supervisor deadline",
         "cpu_time": cg_mech[2] if cg == "none" else f"supervisor deadline on {cg_mech[2]}",
+        "extra_time": "added to the kill deadlines; over the limit is still over",
         "memory": cg_mech[0],
         "pids": cg_mech[1],
+        "cpu_quota": cg_mech[3],
+        "cpus": cg_mech[4],
         "fsize": rl.get("fsize", "none"),
         "open_files": rl.get("open_files", "none"),
         "stack": rl.get("stack", "none"),
@@ -264,49 +330,6 @@ def _applied_limits(limits: Limits, cg: str, rl: dict[str, str]) -> dict[str, Ap
     return out
 
 
-def _kill(run: _Run, reason: str, pidfd: int, box: cgroups.BoxCgroup | None) -> None:
-    if run.limit_fired is None:
-        run.limit_fired = reason
-        run.ended_at = time.monotonic()
-    if box is not None:
-        with contextlib.suppress(OSError, HostError):
-            box.kill()
-    # The setup process dies; its death signal kills the box's init, whose exit makes the
-    # kernel kill everything left in the pid namespace (pid_namespaces(7)).
-    with contextlib.suppress(ProcessLookupError):
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-
-
-def _on_message(
-    spec: Spec,
-    run: _Run,
-    msg: protocol.Message,
-    sock: socket.socket,
-    ids: userns.HostIds,
-    box: cgroups.BoxCgroup | None,
-    sel: selectors.BaseSelector,
-) -> None:
-    if msg.kind == protocol.UNSHARED:
-        userns.write_maps(msg.pid, spec.profile.uid, spec.profile.gid, ids)
-        protocol.send(sock, protocol.GO)
-    elif msg.kind == protocol.EXEC:
-        run.exec_at = time.monotonic()
-        run.setup_done = True
-        if box is not None:
-            run.cpu_baseline = box.cpu_usage().total
-        for fd in msg.fds:
-            run.listeners.append(fd)
-            sel.register(fd, selectors.EVENT_READ, "notify")
-    elif msg.kind == protocol.SETUP_ERROR:
-        f = msg.fields
-        reason = str(f["detail"]) or os.strerror(int(f["errno"]))
-        run.setup_error = f"box setup failed in phase {f['phase']}: {f['op']}: {reason}"
-    elif msg.kind == protocol.EXEC_ERROR:
-        run.exec_errno = int(msg.fields["errno"])
-    elif msg.kind == protocol.EXITED:
-        run.status = int(msg.fields["status"])
-
-
 def _read_notification(fd: int) -> tuple[int, int] | None:
     buf = bytearray(_NOTIF.size)
     try:
@@ -317,216 +340,179 @@ def _read_notification(fd: int) -> tuple[int, int] | None:
     return nr, arch
 
 
-def _supervise(
-    spec: Spec,
-    run: _Run,
-    pid: int,
-    sock: socket.socket,
-    ids: userns.HostIds,
-    box: cgroups.BoxCgroup | None,
-    cancel_fd: int | None,
-) -> resource.struct_rusage:
-    limits = spec.limits
-    pidfd = os.pidfd_open(pid)
-    sel = selectors.DefaultSelector()
-    try:
-        sel.register(sock, selectors.EVENT_READ, "sync")
-        sel.register(pidfd, selectors.EVENT_READ, "exit")
+class _Supervisor:
+    """The event loop of one run, from fork to the setup process's exit."""
+
+    def __init__(
+        self,
+        spec: Spec,
+        run: _Run,
+        pid: int,
+        sock: socket.socket,
+        ids: userns.HostIds,
+        box: cgroups.BoxCgroup | None,
+        cancel_fd: int | None,
+    ) -> None:
+        self.spec, self.run_state, self.pid, self.sock = spec, run, pid, sock
+        self.ids, self.box = ids, box
+        self.pidfd = os.pidfd_open(pid)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(sock, selectors.EVENT_READ, "sync")
+        self.sel.register(self.pidfd, selectors.EVENT_READ, "exit")
         for fd in run.streams:
-            sel.register(fd, selectors.EVENT_READ, "output")
+            self.sel.register(fd, selectors.EVENT_READ, "output")
         if cancel_fd is not None:
-            sel.register(cancel_fd, selectors.EVENT_READ, "cancel")
-        cpus = len(os.sched_getaffinity(0))
-        usage = None
-        while usage is None:
-            now = time.monotonic()
-            if run.exec_at is None:
-                timeout = run.started + SETUP_TIMEOUT - now
-            else:
-                timeout = run.exec_at + limits.wall_time - now
-                if limits.cpu_time is not None and box is not None:
-                    used = box.cpu_usage().total - run.cpu_baseline
-                    if used >= limits.cpu_time:
-                        _kill(run, "cpu_time", pidfd, box)
-                    timeout = min(timeout, (limits.cpu_time - used) / cpus)
-            if timeout <= 0 and run.limit_fired is None:
-                if run.exec_at is None:
-                    run.setup_error = f"box setup took longer than {SETUP_TIMEOUT:.0f}s"
-                    _kill(run, "setup", pidfd, box)
-                else:
-                    _kill(run, "wall_time", pidfd, box)
-            for key, _ in sel.select(max(timeout, 0.0005) if run.limit_fired is None else 0.05):
-                if key.data == "sync":
-                    msg = _receive(sock)
-                    if msg is None:
-                        sel.unregister(sock)
-                    else:
-                        _on_message(spec, run, msg, sock, ids, box, sel)
-                elif key.data == "output":
-                    _copy_output(run, key.fd, sel, pidfd, box)
-                elif key.data == "notify":
-                    # Kill before the listener is closed: closing it would let the blocked
-                    # syscall return ENOSYS and the program carry on (seccomp_unotify(2)).
-                    call = _read_notification(key.fd)
-                    sel.unregister(key.fd)
-                    if call is not None:
-                        nr, arch = call
-                        name = seccomp.describe_syscall(arch, nr)
-                        run.forbidden = name
-                        _kill(run, "forbidden_syscall", pidfd, box)
-                elif key.data == "cancel":
-                    sel.unregister(key.fd)
-                    run.setup_error = "the run was cancelled: its caller went away"
-                    _kill(run, "cancelled", pidfd, box)
-                elif key.data == "exit":
-                    if run.ended_at is None:
-                        run.ended_at = time.monotonic()
-                    usage = os.wait4(pid, 0)[2]
-        _drain(run, sock, sel, spec, ids, box)
-        return usage
-    finally:
-        sel.close()
-        for fd in run.listeners:
-            os.close(fd)
-        os.close(pidfd)
+            self.sel.register(cancel_fd, selectors.EVENT_READ, "cancel")
+        limits = spec.limits
+        self.cpus: float = len(limits.cpus) if limits.cpus else len(os.sched_getaffinity(0))
+        if limits.cpu_quota is not None:
+            self.cpus = min(self.cpus, max(limits.cpu_quota, 0.01))
 
+    def run(self) -> resource.struct_rusage:
+        try:
+            usage = None
+            while usage is None:
+                usage = self._step()
+            self._drain()
+            return usage
+        finally:
+            self.sel.close()
+            for fd in self.run_state.listeners:
+                os.close(fd)
+            os.close(self.pidfd)
 
-def _receive(sock: socket.socket) -> protocol.Message | None:
-    try:
-        return protocol.receive(sock)
-    except (protocol.ProtocolError, ConnectionError):
+    def _timeout(self) -> float:
+        """Seconds until the next limit could be due; fires limits that are due now."""
+        run, limits, now = self.run_state, self.spec.limits, time.monotonic()
+        if run.killed_for is not None:
+            return 0.05
+        if run.exec_at is None:
+            timeout = run.started + SETUP_TIMEOUT - now
+            if timeout <= 0:
+                run.setup_error = f"box setup took longer than {SETUP_TIMEOUT:.0f}s"
+                self._kill("setup")
+            return max(timeout, MIN_WAIT)
+        timeout = run.exec_at + limits.wall_time + limits.extra_time - now
+        if timeout <= 0:
+            self._kill("wall_time")
+            return 0.05
+        if limits.cpu_time is not None and self.box is not None:
+            remaining = limits.cpu_time + limits.extra_time - self._cpu_used()
+            if remaining <= 0:
+                self._kill("cpu_time")
+                return 0.05
+            # The box cannot burn CPU faster than on all its CPUs at once: check again when
+            # the budget could be spent at the earliest.
+            timeout = min(timeout, remaining / self.cpus)
+        return max(timeout, MIN_WAIT)
+
+    def _cpu_used(self) -> float:
+        if self.box is None:
+            return 0.0
+        return self.box.cpu_usage().total - self.run_state.cpu_baseline
+
+    def _step(self) -> resource.struct_rusage | None:
+        for key, _ in self.sel.select(self._timeout()):
+            if key.data == "sync":
+                self._receive()
+            elif key.data == "output":
+                self._copy_output(key.fd, enforce=True)
+            elif key.data == "notify":
+                self._forbidden(key.fd)
+            elif key.data == "cancel":
+                self.sel.unregister(key.fd)
+                self.run_state.setup_error = "the run was cancelled: its caller went away"
+                self._kill("cancelled")
+            elif key.data == "exit":
+                return os.wait4(self.pid, 0)[2]
         return None
 
+    def _kill(self, reason: str) -> None:
+        run = self.run_state
+        if run.killed_for is None:
+            run.killed_for = reason
+            run.killed_at = time.monotonic()
+        if self.box is not None:
+            with contextlib.suppress(OSError, HostError):
+                self.box.kill()
+        # The setup process dies; its death signal kills the box's init, whose exit makes the
+        # kernel kill everything left in the pid namespace (pid_namespaces(7)).
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
-def _drain(
-    run: _Run,
-    sock: socket.socket,
-    sel: selectors.BaseSelector,
-    spec: Spec,
-    ids: userns.HostIds,
-    box: cgroups.BoxCgroup | None,
-) -> None:
-    """After the setup process is gone: the last messages and the rest of the output."""
-    if box is not None:
-        with contextlib.suppress(OSError, HostError):
-            box.kill()  # nothing of the box may outlive it, even outside its pid namespace
-    deadline = time.monotonic() + DRAIN_TIMEOUT
-    while any(k.data in ("output", "sync") for k in sel.get_map().values()):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        for key, _ in sel.select(remaining):
-            if key.data == "sync":
-                msg = _receive(sock)
-                if msg is None:
-                    sel.unregister(sock)
-                else:
-                    _on_message(spec, run, msg, sock, ids, None, sel)
-            elif key.data == "output":
-                _copy_output(run, key.fd, sel, -1, None)
-            elif key.data == "notify":
-                sel.unregister(key.fd)
+    def _forbidden(self, fd: int) -> None:
+        # Kill before the listener is closed: closing it would let the blocked syscall return
+        # ENOSYS and the program carry on (seccomp_unotify(2)).
+        call = _read_notification(fd)
+        self.sel.unregister(fd)
+        if call is not None:
+            self.run_state.forbidden = seccomp.describe_syscall(call[1], call[0])
+            self._kill("forbidden_syscall")
 
+    def _receive(self) -> None:
+        try:
+            msg = protocol.receive(self.sock)
+        except (protocol.ProtocolError, ConnectionError):
+            msg = None
+        if msg is None:
+            self.sel.unregister(self.sock)
+            return
+        run, f = self.run_state, msg.fields
+        if msg.kind == protocol.UNSHARED:
+            userns.write_maps(msg.pid, self.spec.profile.uid, self.spec.profile.gid, self.ids)
+            protocol.send(self.sock, protocol.GO)
+        elif msg.kind == protocol.EXEC:
+            run.exec_at = int(f["at"]) / 1e9
+            if self.box is not None:
+                run.cpu_baseline = self.box.cpu_usage().total
+            for fd in msg.fds:
+                run.listeners.append(fd)
+                self.sel.register(fd, selectors.EVENT_READ, "notify")
+        elif msg.kind == protocol.SETUP_ERROR:
+            reason = str(f["detail"]) or os.strerror(int(f["errno"]))
+            run.setup_error = f"box setup failed in phase {f['phase']}: {f['op']}: {reason}"
+        elif msg.kind == protocol.EXEC_ERROR:
+            run.exec_errno = int(f["errno"])
+        elif msg.kind == protocol.EXITED:
+            run.status = int(f["status"])
+            run.exited_at = int(f["at"]) / 1e9
+            run.program_usage = (
+                int(f["utime_us"]) / 1e6,
+                int(f["stime_us"]) / 1e6,
+                int(f["maxrss_kb"]) * 1024,
+            )
 
-def _copy_output(
-    run: _Run, fd: int, sel: selectors.BaseSelector, pidfd: int, box: cgroups.BoxCgroup | None
-) -> None:
-    stream = run.streams[fd]
-    data = os.read(fd, CHUNK)
-    if not data:
-        sel.unregister(fd)
-        return
-    if stream.limit is not None and stream.count + len(data) > stream.limit:
-        keep = max(stream.limit - stream.count, 0)
-        stream.sink.write(data[:keep])
-        stream.count += len(data)
-        stream.truncated = True
-        if pidfd >= 0:
-            _kill(run, "output", pidfd, box)
-        return
-    if not stream.truncated:
+    def _drain(self) -> None:
+        """After the setup process is gone: the last messages and the rest of the output."""
+        if self.box is not None:
+            with contextlib.suppress(OSError, HostError):
+                self.box.kill()  # nothing of the box may outlive it, even outside its pid ns
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while any(k.data in ("output", "sync") for k in self.sel.get_map().values()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for key, _ in self.sel.select(remaining):
+                if key.data == "sync":
+                    self._receive()
+                elif key.data == "output":
+                    self._copy_output(key.fd, enforce=False)
+                elif key.data in ("notify", "cancel"):
+                    self.sel.unregister(key.fd)
+
+    def _copy_output(self, fd: int, *, enforce: bool) -> None:
+        stream = self.run_state.streams[fd]
+        data = os.read(fd, CHUNK)
+        if not data:
+            self.sel.unregister(fd)
+            return
+        if stream.limit is not None and stream.count + len(data) > stream.limit:
+            if not stream.truncated:
+                stream.sink.write(data[: max(stream.limit - stream.count, 0)])
+            stream.truncated = True
+            stream.count += len(data)
+            if enforce:
+                self._kill("output")
+            return
         stream.sink.write(data)
-    stream.count += len(data)
-
-
-_LIMIT_VERDICTS = {
-    "wall_time": Verdict.WALL_TIME_LIMIT,
-    "cpu_time": Verdict.CPU_TIME_LIMIT,
-    "output": Verdict.OUTPUT_LIMIT,
-    "forbidden_syscall": Verdict.FORBIDDEN_SYSCALL,
-}
-
-
-def _report(
-    spec: Spec,
-    run: _Run,
-    ended: float,
-    cpu: float,
-    cpu_user: float,
-    cpu_system: float,
-    memory_peak: int | None,
-    oom: bool,
-    cg: str,
-    applied: dict[str, AppliedLimit],
-    stdout: Sink,
-    stderr: Sink,
-) -> Report:
-    exit_code: int | None = None
-    sig: int | None = None
-    error = run.setup_error
-    if run.status is not None:
-        if os.WIFSIGNALED(run.status):
-            sig = os.WTERMSIG(run.status)
-        else:
-            exit_code = os.WEXITSTATUS(run.status)
-    limit = run.limit_fired
-    if limit == "cancelled" or (run.setup_error is not None and not run.setup_done):
-        verdict = Verdict.SANDBOX_ERROR
-    elif run.exec_errno is not None:
-        verdict, sig = Verdict.RUNTIME_ERROR, None
-        exit_code = exec_failure_exit_code(run.exec_errno)
-        error = f"cannot execute {spec.argv[0]!r}: {os.strerror(run.exec_errno)}"
-    elif limit in _LIMIT_VERDICTS:
-        verdict = _LIMIT_VERDICTS[limit]
-        exit_code = None
-        sig = signal.SIGSYS if verdict is Verdict.FORBIDDEN_SYSCALL else signal.SIGKILL
-    elif run.status is None:
-        verdict, error = Verdict.SANDBOX_ERROR, error or "the box ended without reporting a status"
-    elif oom and (sig == signal.SIGKILL or exit_code not in (None, 0)):
-        verdict, limit = Verdict.MEMORY_LIMIT, "memory"
-    elif sig == signal.SIGSYS:
-        verdict, limit = Verdict.FORBIDDEN_SYSCALL, "forbidden_syscall"
-    elif sig == signal.SIGXCPU:
-        verdict, limit = Verdict.CPU_TIME_LIMIT, "cpu_time"
-    elif sig is not None:
-        verdict = Verdict.SIGNALED
-    else:
-        verdict = Verdict.OK if exit_code == 0 else Verdict.RUNTIME_ERROR
-    wall = (run.ended_at or ended) - run.exec_at if run.exec_at is not None else 0.0
-    setup = (run.exec_at or ended) - run.started
-    out, err = run.streams.values()
-    return Report(
-        verdict=verdict,
-        exit_code=exit_code,
-        signal=int(sig) if sig is not None else None,
-        cpu_time=round(cpu, 6),
-        cpu_user=round(cpu_user, 6),
-        cpu_system=round(cpu_system, 6),
-        wall_time=round(wall, 6),
-        memory_peak=memory_peak,
-        oom_killed=oom,
-        forbidden_syscall=run.forbidden,
-        profile=spec.profile.name,
-        profile_hash=spec.profile.content_hash,
-        cgroup=cg,
-        limits=applied,
-        stdout_bytes=out.count,
-        stderr_bytes=err.count,
-        stdout_truncated=out.truncated,
-        stderr_truncated=err.truncated,
-        limit_fired=limit,
-        error=error,
-        setup_time=round(setup, 6),
-        stdout=bytes(stdout.buffer) if isinstance(stdout, BufferSink) else None,
-        stderr=bytes(stderr.buffer) if isinstance(stderr, BufferSink) else None,
-    )
+        stream.count += len(data)

@@ -46,6 +46,24 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
+def parse_cpu_list(value: object) -> tuple[int, ...]:
+    """CPU numbers from ``"0-2,5"`` or ``[0, 1]`` (sorted, without duplicates)."""
+    cpus: set[int] = set()
+    if isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        cpus.update(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+(-\d+)?(\s*,\s*\d+(-\d+)?)*\s*", value):
+        for part in value.split(","):
+            first, _, last = part.strip().partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    else:
+        raise ValueError(f"expected a CPU list such as 0-1,3, got {value!r}")
+    if not cpus or min(cpus) < 0 or max(cpus) > 4095:
+        raise ValueError(f"expected CPU numbers from 0 to 4095, got {value!r}")
+    return tuple(sorted(cpus))
+
+
 def format_size(value: int) -> str:
     """Render a byte count the way a user would write it (``64M``)."""
     for suffix, factor in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):

@@ -8,7 +8,8 @@ from sandbox import protocol
 
 
 @pytest.mark.parametrize(("kind", "fields"), [
-    (protocol.UNSHARED, {}), (protocol.EXITED, {"status": 9}),
+    (protocol.UNSHARED, {}),
+    (protocol.EXITED, {"status": 9, "at": 1, "utime_us": 2, "stime_us": 3, "maxrss_kb": 4}),
     (protocol.SETUP_ERROR, {"phase": "p", "op": "o", "errno": 1, "detail": ""}),
     (protocol.EXEC_ERROR, {"errno": 2}),
 ])
@@ -28,14 +29,14 @@ def test_malformed_messages_are_refused(data):
 
 def test_writer_cannot_send_an_undocumented_shape():
     with pytest.raises(protocol.ProtocolError):
-        protocol.encode(protocol.EXITED, status="x")
+        protocol.encode(protocol.EXITED, status="x", at=1, utime_us=0, stime_us=0, maxrss_kb=0)
 
 
 def test_receive_reports_sender_pid_and_passes_descriptors():
     ours, theirs = protocol.socketpair()
     with ours, theirs:
         fd = os.open(os.devnull, os.O_RDONLY)
-        protocol.send(theirs, protocol.EXEC, fds=(fd,))
+        protocol.send(theirs, protocol.EXEC, fds=(fd,), at=5)
         os.close(fd)
         msg = protocol.receive(ours)
         assert msg.kind == protocol.EXEC and msg.pid == os.getpid() and len(msg.fds) == 1

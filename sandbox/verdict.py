@@ -1,0 +1,89 @@
+"""From what was observed during a run to a verdict, with the limit that fired first."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+from .report import Verdict, exec_failure_exit_code
+from .spec import Limits
+
+#: Limits the supervisor enforces by killing the box, and the verdict each one gives.
+KILL_VERDICTS = {
+    "wall_time": Verdict.WALL_TIME_LIMIT,
+    "cpu_time": Verdict.CPU_TIME_LIMIT,
+    "output": Verdict.OUTPUT_LIMIT,
+    "forbidden_syscall": Verdict.FORBIDDEN_SYSCALL,
+}
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the supervisor saw; the input of :func:`decide`."""
+
+    limits: Limits
+    status: int | None  # the program's wait status, as its init reported it
+    setup_error: str | None
+    exec_errno: int | None
+    killed_for: str | None  # the first limit the supervisor killed the box for
+    started: bool  # the program's execve was reached
+    cpu_time: float
+    wall_time: float
+    oom_killed: bool
+    argv0: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict and the figures that go with it."""
+
+    verdict: Verdict
+    exit_code: int | None
+    signal: int | None
+    limit_fired: str | None
+    error: str | None
+
+
+def decide(o: Observed) -> Decision:
+    """Apply the documented order (docs/report.md): setup failure, exec failure, the first limit
+    the supervisor enforced, a limit exceeded within its grace time, the kernel's OOM kill,
+    SIGSYS and SIGXCPU, another signal, the exit code."""
+    if o.killed_for in ("cancelled", "setup") or (o.setup_error is not None and not o.started):
+        return Decision(Verdict.SANDBOX_ERROR, None, None, o.killed_for, o.setup_error)
+    if o.exec_errno is not None:
+        return Decision(
+            Verdict.RUNTIME_ERROR,
+            exec_failure_exit_code(o.exec_errno),
+            None,
+            None,
+            f"cannot execute {o.argv0!r}: {os.strerror(o.exec_errno)}",
+        )
+    if o.killed_for in KILL_VERDICTS:
+        killed_by = signal.SIGSYS if o.killed_for == "forbidden_syscall" else signal.SIGKILL
+        return Decision(KILL_VERDICTS[o.killed_for], None, int(killed_by), o.killed_for, None)
+    if o.status is None:
+        return Decision(
+            Verdict.SANDBOX_ERROR,
+            None,
+            None,
+            None,
+            o.setup_error or "the box ended without reporting a status",
+        )
+    exit_code = os.WEXITSTATUS(o.status) if os.WIFEXITED(o.status) else None
+    sig: int | None = os.WTERMSIG(o.status) if os.WIFSIGNALED(o.status) else None
+    # Within the grace time (extra_time) a program may still finish, but over its limit.
+    if o.limits.cpu_time is not None and o.cpu_time > o.limits.cpu_time:
+        return Decision(Verdict.CPU_TIME_LIMIT, exit_code, sig, "cpu_time", None)
+    if o.wall_time > o.limits.wall_time:
+        return Decision(Verdict.WALL_TIME_LIMIT, exit_code, sig, "wall_time", None)
+    if o.oom_killed and (sig == signal.SIGKILL or exit_code not in (None, 0)):
+        return Decision(Verdict.MEMORY_LIMIT, exit_code, sig, "memory", None)
+    if sig == signal.SIGSYS:
+        return Decision(Verdict.FORBIDDEN_SYSCALL, None, sig, "forbidden_syscall", None)
+    if sig == signal.SIGXCPU:
+        return Decision(Verdict.CPU_TIME_LIMIT, None, sig, "cpu_time", None)
+    if sig is not None:
+        return Decision(Verdict.SIGNALED, None, sig, None, None)
+    verdict = Verdict.OK if exit_code == 0 else Verdict.RUNTIME_ERROR
+    return Decision(verdict, exit_code, None, None, None)
