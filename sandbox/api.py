@@ -106,6 +106,8 @@ def run(
     language: str | None = None,
     tenant: str | None = None,
     stdin: bytes | str | int | None = b"",
+    stdout: int | None = None,
+    stderr: int | None = None,
     binds: Sequence[BindLike] = (),
     env: Mapping[str, str] | None = None,
     wall_time: float | str | None = None,
@@ -118,12 +120,17 @@ def run(
     output: int | str | None = None,
     tmp_size: int | str | None = None,
     work_size: int | str | None = None,
+    extra_time: float | str | None = None,
+    cpu_quota: float | None = None,
+    cpus: str | list[int] | None = None,
 ) -> Report:
     """Run ``argv`` in a new box and return its report (captured output in ``stdout``/``stderr``).
 
     ``profile`` names a profile (default ``strict``) or gives its path; with ``policy`` the
     policy picks the profile from ``purpose``/``language``/``tenant`` and clamps limits to its
-    ceilings. ``stdin`` is bytes, text, a file descriptor (duplicated) or None (empty). Limits
+    ceilings. ``stdin`` is bytes, text, a file descriptor (duplicated) or None (empty);
+    ``stdout``/``stderr`` are captured into the report unless given a file descriptor to write
+    to (the output limit applies either way). Limits
     override the profile's (sizes accept ``64M``, durations ``500ms``). Raises
     :class:`~sandbox.errors.SandboxError` for invalid requests and hosts that cannot honour the
     profile; everything the program does is in the report's verdict.
@@ -146,6 +153,9 @@ def run(
             ("output", output),
             ("tmp_size", tmp_size),
             ("work_size", work_size),
+            ("extra_time", extra_time),
+            ("cpu_quota", cpu_quota),
+            ("cpus", cpus),
         )
         if v is not None
     }
@@ -162,13 +172,16 @@ def run(
     )
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     stdin_fd = _stdin_fd(stdin)
+    outputs = [os.dup(fd) for fd in (stdout, stderr) if fd is not None]
+    request = helper.Request(spec, stdout is not None, stderr is not None)
     try:
         with ours:
             try:
-                _helper.submit(pickle.dumps(spec), [theirs.fileno(), stdin_fd])
+                _helper.submit(pickle.dumps(request), [theirs.fileno(), stdin_fd, *outputs])
             finally:
                 theirs.close()
-                os.close(stdin_fd)
+                for fd in (stdin_fd, *outputs):
+                    os.close(fd)
             try:
                 result = helper.receive_result(ours)
             except ConnectionError as e:

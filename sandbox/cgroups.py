@@ -20,9 +20,11 @@ from typing import Protocol
 
 from .errors import HostError
 from .spec import Limits
+from .units import format_cpu_list, parse_cpu_list
 
 _SEQ = itertools.count()
 SUBTREE = "sandbox"
+CPU_PERIOD_US = 100_000
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ class CgroupV2:
     """Backend for the unified hierarchy; ``parent`` must have memory and pids delegated."""
 
     name = "cgroup2"
-    CONTROLLERS = ("memory", "pids", "cpu")
+    CONTROLLERS = ("memory", "pids", "cpu", "cpuset")
 
     def __init__(self, parent: Path) -> None:
         self.parent = parent
@@ -254,6 +256,13 @@ class CgroupV2:
                 _write(path / "memory.oom.group", "1")
             if limits.pids is not None:
                 _write(path / "pids.max", str(limits.pids))
+            if limits.cpu_quota is not None:
+                _write(path / "cpu.max", f"{_quota_us(limits.cpu_quota)} {CPU_PERIOD_US}")
+            if limits.cpus is not None:
+                if not (path / "cpuset.cpus").exists():
+                    raise HostError("the cgroup v2 cpuset controller is not delegated here")
+                _check_cpus(limits.cpus, self.parent / "cpuset.cpus.effective")
+                _write(path / "cpuset.cpus", format_cpu_list(limits.cpus))
         except BaseException:
             box.destroy()
             raise
@@ -303,7 +312,13 @@ class V1Box:
     def kill(self) -> None:
         # Freeze first so nothing can fork between reading the task list and killing it
         # (cgroup-v1/freezer-subsystem.rst), then kill, thaw so the kills are delivered.
-        freezer = self.paths["freezer"]
+        freezer = self.paths.get("freezer")
+        if freezer is None:  # a stale box half removed by its owner: no freezer left to use
+            for path in self.paths.values():
+                for line in _read(path / "cgroup.procs").split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(line), signal.SIGKILL)
+            return
         if not _read(freezer / "cgroup.procs").strip():
             return  # already empty: freezing costs a millisecond for nothing
         _write(freezer / "freezer.state", "FROZEN")
@@ -324,13 +339,17 @@ class V1Box:
 
 
 class CgroupV1:
-    """Backend for v1 hierarchies: memory (+memsw), pids, cpuacct, freezer."""
+    """Backend for v1 hierarchies: memory (+memsw), pids, cpuacct, freezer; cpu and cpuset
+    too for boxes whose limits need them (a box's cgroups cost ~0.1 ms per hierarchy)."""
 
     name = "cgroup1"
     CONTROLLERS = ("memory", "pids", "cpuacct", "freezer")
+    OPTIONAL = ("cpu", "cpuset")
 
-    def __init__(self, parents: dict[str, Path]) -> None:
+    def __init__(self, parents: dict[str, Path], optional: dict[str, Path] | None = None) -> None:
         self.parents = parents
+        self.optional = optional or {}
+        self._ready: set[str] = set()
         for ctl, parent in parents.items():
             try:
                 parent.mkdir(exist_ok=True)
@@ -349,17 +368,45 @@ class CgroupV1:
         missing = [c for c in cls.CONTROLLERS if c not in mounts or c not in own]
         if missing:
             raise HostError("cgroup v1 controllers not mounted: " + ", ".join(missing))
-        return cls({c: mounts[c] / own[c].lstrip("/") / SUBTREE for c in cls.CONTROLLERS})
+        optional = {
+            c: mounts[c] / own[c].lstrip("/") / SUBTREE
+            for c in cls.OPTIONAL
+            if c in mounts and c in own
+        }
+        return cls({c: mounts[c] / own[c].lstrip("/") / SUBTREE for c in cls.CONTROLLERS}, optional)
 
     def _remove_stale(self) -> None:
+        every = {**self.parents, **self.optional}
         for child in self.parents["freezer"].glob("box-*"):
             if not _owner_alive(child.name):
+                paths = {c: p / child.name for c, p in every.items() if (p / child.name).exists()}
                 with contextlib.suppress(OSError, HostError):
-                    V1Box({c: p / child.name for c, p in self.parents.items()}).destroy()
+                    V1Box(paths).destroy()
+
+    def _optional_parent(self, ctl: str) -> Path:
+        """The ``sandbox`` cgroup of an optional controller, made usable on first need."""
+        if ctl not in self.optional:
+            raise HostError(f"the cgroup v1 {ctl} controller is not mounted: cannot enforce it")
+        parent = self.optional[ctl]
+        if ctl not in self._ready:
+            parent.mkdir(exist_ok=True)
+            if ctl == "cpuset":
+                # A new cpuset has no CPUs or memory nodes: take the enclosing cgroup's.
+                for name in ("cpuset.cpus", "cpuset.mems"):
+                    if not _read(parent / name).strip():
+                        _write(parent / name, _read(parent.parent / name).strip())
+            self._ready.add(ctl)
+        return parent
 
     def create(self, limits: Limits) -> V1Box:
         name = _box_name()
-        paths = {c: p / name for c, p in self.parents.items()}
+        parents = dict(self.parents)
+        if limits.cpu_quota is not None:
+            parents["cpu"] = self._optional_parent("cpu")
+        if limits.cpus is not None:
+            parents["cpuset"] = self._optional_parent("cpuset")
+            _check_cpus(limits.cpus, parents["cpuset"] / "cpuset.effective_cpus")
+        paths = {c: p / name for c, p in parents.items()}
         created: dict[str, Path] = {}
         try:
             for ctl, path in paths.items():
@@ -373,12 +420,33 @@ class CgroupV1:
                     _write(memory / "memory.memsw.limit_in_bytes", str(limits.memory))
             if limits.pids is not None:
                 _write(paths["pids"] / "pids.max", str(limits.pids))
+            if limits.cpu_quota is not None:
+                _write(paths["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+                _write(paths["cpu"] / "cpu.cfs_quota_us", str(_quota_us(limits.cpu_quota)))
+            if limits.cpus is not None:
+                cpuset = paths["cpuset"]
+                _write(cpuset / "cpuset.mems", _read(cpuset.parent / "cpuset.mems").strip())
+                _write(cpuset / "cpuset.cpus", format_cpu_list(limits.cpus))
         except BaseException:
             for path in created.values():
                 with contextlib.suppress(OSError):
                     path.rmdir()
             raise
         return V1Box(paths)
+
+
+def _quota_us(cpus: float) -> int:
+    return max(int(cpus * CPU_PERIOD_US), 1000)
+
+
+def _check_cpus(cpus: tuple[int, ...], effective: Path) -> None:
+    available = set(parse_cpu_list(_read(effective).strip() or "0"))
+    missing = sorted(set(cpus) - available)
+    if missing:
+        raise HostError(
+            f"cpus {format_cpu_list(tuple(missing))} are not available here "
+            f"(available: {format_cpu_list(tuple(sorted(available)))})"
+        )
 
 
 def detect() -> CgroupBackend:

@@ -188,10 +188,21 @@ INIT_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (
 # --- program process (C) -----------------------------------------------------------------
 
 
+_joined_at_cpu_ns = 0
+
+
 def join_cgroup(k: KernelOps, plan: ChildPlan) -> None:
     """Move into the box cgroup through the files the supervisor opened ("0" is the writer)."""
+    global _joined_at_cpu_ns
     for fd in plan.cgroup_entry:
         k.join_cgroup(fd)
+    _joined_at_cpu_ns = time.clock_gettime_ns(time.CLOCK_PROCESS_CPUTIME_ID)
+
+
+def _cpu_since_join(plan: ChildPlan) -> int:
+    if not plan.cgroup_entry:
+        return 0
+    return time.clock_gettime_ns(time.CLOCK_PROCESS_CPUTIME_ID) - _joined_at_cpu_ns
 
 
 def await_root(k: KernelOps, plan: ChildPlan) -> None:
@@ -310,8 +321,14 @@ def exec_program(k: KernelOps, plan: ChildPlan) -> None:
         raise PhaseError("install_seccomp", "seccomp", e.errno or 0) from None
     # CLOCK_MONOTONIC is one clock for every namespace (no time namespace is made), so the
     # supervisor can measure wall time from this instant rather than from its own wake-up.
+    # The CPU this process used since joining the box cgroup is the sandbox's, not the
+    # program's: it is reported so the supervisor can subtract it exactly.
     protocol.send(
-        plan.sync, protocol.EXEC, fds=(listener,) if plan.listener else (), at=time.monotonic_ns()
+        plan.sync,
+        protocol.EXEC,
+        fds=(listener,) if plan.listener else (),
+        at=time.monotonic_ns(),
+        cpu_ns=_cpu_since_join(plan),
     )
     try:
         k.execve(path, plan.argv, plan.env)

@@ -127,18 +127,21 @@ def _stdio(args: argparse.Namespace) -> Iterator[tuple[int, int, int]]:
     opened: list[int] = []
     fds = [0, 1, 2]
     try:
-        for index, (name, flags) in enumerate((
-            ("stdin", os.O_RDONLY),
-            ("stdout", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-            ("stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-        )):
+        for index, (name, flags) in enumerate(
+            (
+                ("stdin", os.O_RDONLY),
+                ("stdout", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                ("stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+            )
+        ):
             path = getattr(args, name)
             if path is not None:
                 try:
                     fds[index] = os.open(path, flags | os.O_CLOEXEC, 0o644)
                 except OSError as e:
-                    raise ConfigError("command line", f"--{name}",
-                                      f"cannot open {path}: {e.strerror}") from None
+                    raise ConfigError(
+                        "command line", f"--{name}", f"cannot open {path}: {e.strerror}"
+                    ) from None
                 opened.append(fds[index])
         yield fds[0], fds[1], fds[2]
     finally:

@@ -18,12 +18,29 @@ import signal
 import socket
 import struct
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import SandboxError
 from .spec import Spec
 
 _LENGTH = struct.Struct("!Q")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One run sent to the helper, with (in this order) the run's socket, stdin, and stdout and
+    stderr descriptors when the program's output goes to files instead of being captured."""
+
+    spec: Spec
+    stdout_to_fd: bool
+    stderr_to_fd: bool
+
+    @property
+    def descriptors(self) -> int:
+        return 2 + self.stdout_to_fd + self.stderr_to_fd
+
+
 MAX_REQUEST = 1 << 20
 
 
@@ -50,12 +67,16 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(chunks)
 
 
-def _serve_one(spec: Spec, conn: socket.socket, stdin_fd: int) -> None:
-    from .supervisor import BufferSink, run_box
+def _serve_one(request: Request, conn: socket.socket, fds: list[int]) -> None:
+    from .supervisor import BufferSink, FdSink, Sink, run_box
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the helper ignores it; we wait for our box
+    stdin_fd, *rest = fds
+    sinks: list[Sink] = []
+    for to_fd in (request.stdout_to_fd, request.stderr_to_fd):
+        sinks.append(FdSink(rest.pop(0)) if to_fd else BufferSink())
     try:
-        result: Any = run_box(spec, stdin_fd, BufferSink(), BufferSink(), cancel_fd=conn.fileno())
+        result: Any = run_box(request.spec, stdin_fd, sinks[0], sinks[1], cancel_fd=conn.fileno())
     except SandboxError as e:
         result = e
     except Exception as e:  # any other failure still reaches the caller, as an error
@@ -74,21 +95,21 @@ def serve(control: socket.socket) -> None:
     cgroup_backend()  # detect once; every fork inherits the answer
     notify = listener_supported()
     while True:
-        data, fds, _, _ = socket.recv_fds(control, MAX_REQUEST, 2)
+        data, fds, _, _ = socket.recv_fds(control, MAX_REQUEST, 4)
         if not data:
             return
-        if len(fds) != 2:
+        request = pickle.loads(data)  # noqa: S301 - sent by the library that started us
+        if not isinstance(request, Request) or len(fds) != request.descriptors:
             for fd in fds:
                 os.close(fd)
             continue
-        spec = pickle.loads(data)  # noqa: S301 - sent by the library that started us
-        compile_filter(spec.profile.seccomp, notify=notify)  # cached here, inherited by forks
+        compile_filter(request.spec.profile.seccomp, notify=notify)  # inherited by forks
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 control.close()
-                _serve_one(spec, socket.socket(fileno=fds[0]), fds[1])
+                _serve_one(request, socket.socket(fileno=fds[0]), fds[1:])
                 code = 0
             finally:
                 os._exit(code)

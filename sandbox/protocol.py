@@ -25,7 +25,7 @@ GO = "go"
 
 _FIELDS: dict[str, dict[str, type]] = {
     UNSHARED: {},
-    EXEC: {"at": int},
+    EXEC: {"at": int, "cpu_ns": int},
     SETUP_ERROR: {"phase": str, "op": str, "errno": int, "detail": str},
     EXEC_ERROR: {"errno": int},
     EXITED: {"status": int, "at": int, "utime_us": int, "stime_us": int, "maxrss_kb": int},

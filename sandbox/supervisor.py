@@ -463,8 +463,7 @@ class _Supervisor:
             protocol.send(self.sock, protocol.GO)
         elif msg.kind == protocol.EXEC:
             run.exec_at = int(f["at"]) / 1e9
-            if self.box is not None:
-                run.cpu_baseline = self.box.cpu_usage().total
+            run.cpu_baseline = int(f["cpu_ns"]) / 1e9
             for fd in msg.fds:
                 run.listeners.append(fd)
                 self.sel.register(fd, selectors.EVENT_READ, "notify")

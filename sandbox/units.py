@@ -64,6 +64,17 @@ def parse_cpu_list(value: object) -> tuple[int, ...]:
     return tuple(sorted(cpus))
 
 
+def format_cpu_list(cpus: tuple[int, ...]) -> str:
+    """The kernel's list format: ``(0, 1, 2, 5)`` -> ``0-2,5``."""
+    parts: list[str] = []
+    for cpu in cpus:
+        if parts and cpu == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{cpu}"
+        else:
+            parts.append(str(cpu))
+    return ",".join(parts)
+
+
 def format_size(value: int) -> str:
     """Render a byte count the way a user would write it (``64M``)."""
     for suffix, factor in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):

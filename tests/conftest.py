@@ -48,8 +48,8 @@ def cprog(gcc: str, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[n
 
     def build(name: str) -> Path:
         if name not in built:
-            subprocess.run([gcc, "-O1", "-o", str(out / name), str(ROOT / "tests/programs" /
-                            f"{name}.c")], check=True)
+            subprocess.run([gcc, "-O1", "-pthread", "-o", str(out / name),
+                            str(ROOT / "tests/programs" / f"{name}.c")], check=True)
             built[name] = out / name
         return out
 

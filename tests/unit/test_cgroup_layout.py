@@ -35,7 +35,7 @@ def layout_v2(tmp_path: Path, controllers: str) -> Path:
 
 def test_v2_enables_controllers_for_its_boxes(tmp_path):
     cgroups.CgroupV2(layout_v2(tmp_path, "cpuset cpu io memory pids"))
-    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +pids +cpu +cpuset"
 
 
 def test_v2_without_memory_and_pids_is_refused(tmp_path):

@@ -36,7 +36,7 @@ def test_receive_reports_sender_pid_and_passes_descriptors():
     ours, theirs = protocol.socketpair()
     with ours, theirs:
         fd = os.open(os.devnull, os.O_RDONLY)
-        protocol.send(theirs, protocol.EXEC, fds=(fd,), at=5)
+        protocol.send(theirs, protocol.EXEC, fds=(fd,), at=5, cpu_ns=6)
         os.close(fd)
         msg = protocol.receive(ours)
         assert msg.kind == protocol.EXEC and msg.pid == os.getpid() and len(msg.fds) == 1
