@@ -319,8 +319,12 @@ class V1Box:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(int(line), signal.SIGKILL)
             return
-        if not _read(freezer / "cgroup.procs").strip():
+        tasks = _read(freezer / "cgroup.procs").split()
+        if not tasks:
             return  # already empty: freezing costs a millisecond for nothing
+        for line in tasks:  # first stop what runs now, so no more CPU is burned while freezing
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line), signal.SIGKILL)
         _write(freezer / "freezer.state", "FROZEN")
         deadline = time.monotonic() + 2.0
         while _read(freezer / "freezer.state").strip() != "FROZEN" and time.monotonic() < deadline:

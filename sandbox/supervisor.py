@@ -32,7 +32,8 @@ from .verdict import Observed, decide
 
 SETUP_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 2.0
-MIN_WAIT = 0.0005  # the loop's shortest sleep: bounds how late a CPU limit can be noticed
+MIN_WAIT = 0.0002  # the loop's shortest sleep: bounds how late a CPU limit can be noticed
+PRECISE_WAIT = 0.001  # below this, wait with nanosleep rather than epoll's whole milliseconds
 CHUNK = 1 << 16
 # seccomp_unotify(2): struct seccomp_notif is {u64 id; u32 pid; u32 flags; struct seccomp_data}
 # and seccomp_data is {int nr; u32 arch; u64 instruction_pointer; u64 args[6]}.
@@ -242,7 +243,8 @@ def _account(
         total = max(cg.total - run.cpu_baseline, 0.0)
         share = cg.user / cg.total if cg.total else 1.0
         cpu_user, cpu_system = total * share, total * (1 - share)
-    end = run.exited_at or run.killed_at or time.monotonic()
+    # A killed run ends when its limit fired; the kill itself takes the kernel a little longer.
+    end = run.killed_at or run.exited_at or time.monotonic()
     wall = max(end - run.exec_at, 0.0) if run.exec_at is not None else 0.0
     oom = box.oom_killed() if box else False
     decision = decide(
@@ -411,8 +413,18 @@ class _Supervisor:
             return 0.0
         return self.box.cpu_usage().total - self.run_state.cpu_baseline
 
+    def _wait(self, timeout: float) -> list[tuple[selectors.SelectorKey, int]]:
+        """select() with sub-millisecond precision: epoll's timeout is whole milliseconds,
+        rounded up, so the last stretch before a deadline is slept with nanosleep instead."""
+        if timeout > 2 * PRECISE_WAIT:
+            return self.sel.select(timeout - PRECISE_WAIT)
+        events = self.sel.select(0)
+        if not events:
+            time.sleep(min(timeout, PRECISE_WAIT))
+        return events
+
     def _step(self) -> resource.struct_rusage | None:
-        for key, _ in self.sel.select(self._timeout()):
+        for key, _ in self._wait(self._timeout()):
             if key.data == "sync":
                 self._receive()
             elif key.data == "output":
