@@ -51,11 +51,11 @@ def wait_for(condition, timeout: float = 5.0) -> bool:  # type: ignore[no-untype
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="box ids are only distinct host ids as root")
-def test_200_runs_in_a_row_leave_nothing_behind():
+def test_1000_runs_in_a_row_leave_nothing_behind():
     sandbox.run(["true"])  # the helper and the base layer exist from here on
     before = snapshot()
     verdicts = set()
-    for i in range(200):
+    for i in range(1000):
         cmd = ["sh", "-c", "sleep 10 & echo $$"] if i % 2 else ["true"]
         verdicts.add(sandbox.run(cmd, wall_time="2s").verdict)
     assert verdicts == {sandbox.Verdict.OK}
@@ -81,6 +81,20 @@ def test_orphans_survive_without_the_sandbox_so_the_test_above_can_fail():
                                                capture_output=True).returncode == 0)
     finally:
         subprocess.run(["pkill", "-f", "^sleep 61$"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="box ids are only distinct host ids as root")
+def test_50_concurrent_cli_runs_do_not_collide_and_leave_nothing_behind():
+    subprocess.run([SANDBOX, "exec", "--", "true"], check=True)
+    before = snapshot()
+    procs = [subprocess.Popen([SANDBOX, "exec", "--", "sh", "-c", f"echo {i}; id -u"],
+                              stdout=subprocess.PIPE) for i in range(50)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 50
+    assert sorted(int(o.split()[0]) for o in outputs) == list(range(50))
+    assert wait_for(lambda: snapshot()[2:] == ([], []))
+    mounts, tmp, _, _ = snapshot()
+    assert mounts == before[0] and tmp - before[1] == set()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="box processes are found by their host ids")
