@@ -53,6 +53,7 @@ class ChildPlan:
     env: dict[str, str]
     hostname: str
     network: NetworkMode
+    address: tuple[str, int] | None  # linked groups: eth0's address and prefix length
     uid: int
     gid: int
     drop_groups: bool  # root: shed supplementary groups before the user namespace exists
@@ -162,9 +163,14 @@ def set_hostname(k: KernelOps, plan: ChildPlan) -> None:
 
 
 def set_up_network(k: KernelOps, plan: ChildPlan) -> None:
-    """The new network namespace has only a down ``lo``; bring it up only when asked."""
-    if plan.network is NetworkMode.LOOPBACK:
+    """The new network namespace has only a down ``lo``; bring it up only when asked.
+
+    In a linked group the supervisor has put one end of a veth pair here as ``eth0``; the box
+    gives it its address and no route: its segment is all it can reach."""
+    if plan.network in (NetworkMode.LOOPBACK, NetworkMode.LINKED):
         k.set_loopback_up()
+    if plan.address is not None:
+        k.set_interface_address("eth0", *plan.address)
 
 
 def protect_init(k: KernelOps, plan: ChildPlan) -> None:

@@ -63,6 +63,17 @@ _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
 
 
+_SIOCSIFADDR = 0x8916
+_SIOCSIFNETMASK = 0x891C
+
+
+def _interface_up(name: bytes) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sh22x", name, 0)
+        flags = struct.unpack("16sh22x", fcntl.ioctl(s, _SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sh22x", name, flags | _IFF_UP))
+
+
 class _MountAttr(ctypes.Structure):
     _fields_ = (
         ("attr_set", ctypes.c_uint64),
@@ -119,6 +130,7 @@ class KernelOps(Protocol):
     def umount2(self, target: str, flags: int) -> None: ...
     def sethostname(self, name: str) -> None: ...
     def set_loopback_up(self) -> None: ...
+    def set_interface_address(self, ifname: str, address: str, prefix: int) -> None: ...
     def setsid(self) -> None: ...
     def setrlimit(self, which: int, value: int) -> None: ...
     def dup2(self, fd: int, target: int) -> None: ...
@@ -207,10 +219,18 @@ class Kernel:
         _check(_libc.sethostname(raw, len(raw)), "sethostname")
 
     def set_loopback_up(self) -> None:
+        _interface_up(b"lo")
+
+    def set_interface_address(self, ifname: str, address: str, prefix: int) -> None:
+        # Plain ioctls (netdevice(7)): this runs in the box's init, which must stay small.
+        name = ifname.encode()
+        mask = (0xFFFF_FFFF << (32 - prefix)) & 0xFFFF_FFFF
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            ifreq = struct.pack("16sh14x", b"lo", 0)
-            flags = struct.unpack("16sh14x", fcntl.ioctl(s, _SIOCGIFFLAGS, ifreq))[1]
-            fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sh14x", b"lo", flags | _IFF_UP))
+            for request, value in ((_SIOCSIFADDR, socket.inet_aton(address)),
+                                   (_SIOCSIFNETMASK, mask.to_bytes(4, "big"))):
+                sockaddr = struct.pack("=H2s4s8x", socket.AF_INET, b"\0\0", value)
+                fcntl.ioctl(s, request, struct.pack("16s16s8x", name, sockaddr))
+        _interface_up(name)
 
     def setsid(self) -> None:
         os.setsid()

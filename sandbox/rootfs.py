@@ -131,12 +131,14 @@ def _check_target(bind: Bind, source_name: str) -> None:
 def plan_root(spec: Spec) -> RootPlan:
     """Check and describe the layers and binds of ``spec``'s root."""
     profile = spec.profile
-    base = ensure_base_layer(profile.hostname, profile.uid, profile.gid)
+    base = ensure_base_layer(spec.hostname or profile.hostname, profile.uid, profile.gid)
     binds = [_check_source(Bind(d, d), "host base") for d in base.host_binds]
     for bind in (*profile.binds, *spec.binds):
         source = profile.source if bind in profile.binds else "request"
         _check_target(bind, source)
         binds.append(_check_source(bind, source))
+    if spec.link is not None:  # the group's members by name
+        binds.append(_check_source(Bind(spec.link.hosts_file, "/etc/hosts"), "group"))
     return RootPlan(
         layers=(str(base.path),),
         binds=tuple(binds),

@@ -40,6 +40,7 @@ class NetworkMode(StrEnum):
 
     NONE = "none"
     LOOPBACK = "loopback"
+    LINKED = "linked"  # a private segment shared by the boxes of one group (see network.py)
 
 
 class SeccompAction(StrEnum):
@@ -143,6 +144,17 @@ class Profile:
 
 
 @dataclass(frozen=True, slots=True)
+class Link:
+    """What one box of a linked group needs to join its group's segment."""
+
+    netns: str  # the group's named network namespace, holding the bridge
+    index: int  # the box's position in the group: names its bridge port
+    address: str
+    prefix: int
+    hosts_file: str  # the group's /etc/hosts, bound over the box's
+
+
+@dataclass(frozen=True, slots=True)
 class Spec:
     """One run: a profile plus the request, after the policy clamped it."""
 
@@ -153,6 +165,8 @@ class Spec:
     env: tuple[tuple[str, str], ...] = ()
     cwd: str | None = None
     clamped: tuple[str, ...] = field(default=())
+    hostname: str | None = None  # a group member's name; the profile's otherwise
+    link: Link | None = None
 
     @property
     def environment(self) -> dict[str, str]:

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import cgroups, child, protocol, seccomp, userns
-from .errors import HostError
+from .errors import ConfigError, HostError
 from .hostinfo import host_facts
 from .kernel import Kernel
 from .report import AppliedLimit, Report
 from .rootfs import plan_root
-from .spec import Fallback, Limits, Spec
+from .spec import Fallback, Limits, NetworkMode, Spec
 from .verdict import Observed, decide
 
 SETUP_TIMEOUT = 30.0
@@ -74,6 +74,7 @@ class BufferSink:
 
 @dataclass
 class _Stream:
+    fd: int  # the read end of the program's pipe
     sink: Sink
     limit: int | None
     count: int = 0
@@ -96,7 +97,7 @@ class _Run:
     killed_for: str | None = None
     forbidden: str | None = None
     listeners: list[int] = field(default_factory=list)
-    streams: dict[int, _Stream] = field(default_factory=dict)
+    streams: list[_Stream | None] = field(default_factory=list)  # stdout, stderr (None: direct)
 
 
 _backend_cache: cgroups.CgroupBackend | HostError | None = None
@@ -152,6 +153,10 @@ def resource_name(which: int) -> str:
 
 def _check_host(spec: Spec, backend: cgroups.CgroupBackend | HostError) -> None:
     """Fail closed: refuse limits this host cannot enforce, unless the profile allows a fallback."""
+    if (spec.profile.network is NetworkMode.LINKED) != (spec.link is not None):
+        raise ConfigError(spec.profile.source, "box.network",
+                          "'linked' boxes run in a linked group (sandbox group run FILE), "
+                          "and a linked group's boxes need a profile with network = 'linked'")
     if not isinstance(backend, HostError):
         return
     limits = spec.limits
@@ -168,11 +173,18 @@ def _check_host(spec: Spec, backend: cgroups.CgroupBackend | HostError) -> None:
 
 
 def run_box(
-    spec: Spec, stdin_fd: int, stdout: Sink, stderr: Sink, cancel_fd: int | None = None
+    spec: Spec,
+    stdin_fd: int,
+    stdout: Sink | int,
+    stderr: Sink | int,
+    cancel_fd: int | None = None,
 ) -> Report:
     """Run ``spec`` to completion and return its report. Raises only for sandbox failures.
 
-    ``cancel_fd`` becoming readable (its peer closed: the caller is gone) stops the run.
+    ``stdout``/``stderr`` given as a descriptor go to the program as they are (a pipe to
+    another box): no output limit and no count then. ``cancel_fd`` stops the run when it
+    becomes readable: a byte ``p`` means a peer of the box ended (``peer_exited``), end of file
+    that the caller went away (``cancelled``).
     """
     started = time.monotonic()
     limits = spec.limits
@@ -190,23 +202,33 @@ def run_box(
             stack.callback(box.destroy)
         parent_sock, child_sock = protocol.socketpair()
         stack.callback(parent_sock.close)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        for fd in (out_r, err_r):
-            stack.callback(os.close, fd)
+        run = _Run(started=started)
+        program_fds: list[int] = []
+        ours: list[int] = []  # pipe ends we made for the program, closed once it has them
+        for sink in (stdout, stderr):
+            if isinstance(sink, int):
+                program_fds.append(sink)
+                run.streams.append(None)
+                continue
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            stack.callback(os.close, read_end)
+            program_fds.append(write_end)
+            ours.append(write_end)
+            run.streams.append(_Stream(read_end, sink, limits.output))
         root_ready = os.pipe2(os.O_CLOEXEC)
         entry = box.open_entry() if box is not None else ()
         plan = child.ChildPlan(
             argv=spec.argv,
             env=spec.environment,
-            hostname=spec.profile.hostname,
+            hostname=spec.hostname or spec.profile.hostname,
             network=spec.profile.network,
+            address=(spec.link.address, spec.link.prefix) if spec.link else None,
             uid=spec.profile.uid,
             gid=spec.profile.gid,
             drop_groups=os.geteuid() == 0,
             root=root,
             rlimits=rlimits,
-            stdio=(stdin_fd, out_w, err_w),
+            stdio=(stdin_fd, program_fds[0], program_fds[1]),
             sync=child_sock,
             bpf=bpf,
             listener=listener,
@@ -218,10 +240,8 @@ def run_box(
             pid = child.start(Kernel(), plan)
         finally:
             child_sock.close()
-            for fd in (out_w, err_w, *root_ready, *entry):
+            for fd in (*ours, *root_ready, *entry):
                 os.close(fd)
-        run = _Run(started=started)
-        run.streams = {out_r: _Stream(stdout, limits.output), err_r: _Stream(stderr, limits.output)}
         usage = _Supervisor(spec, run, pid, parent_sock, ids, box, cancel_fd).run()
         return _account(spec, run, usage, box, mechanisms, stdout, stderr)
 
@@ -232,8 +252,8 @@ def _account(
     usage: resource.struct_rusage,
     box: cgroups.BoxCgroup | None,
     mechanisms: dict[str, str],
-    stdout: Sink,
-    stderr: Sink,
+    stdout: Sink | int,
+    stderr: Sink | int,
 ) -> Report:
     """Read the box's figures (before its cgroup is removed) and decide the verdict."""
     utime, stime, max_rss = run.program_usage or (usage.ru_utime, usage.ru_stime, None)
@@ -262,7 +282,7 @@ def _account(
         )
     )
     cg_name = "none" if box is None else box.backend
-    out, err = run.streams.values()
+    out, err = (s or _Stream(-1, BufferSink(), None) for s in run.streams)
     return Report(
         verdict=decision.verdict,
         exit_code=decision.exit_code,
@@ -361,7 +381,8 @@ class _Supervisor:
         self.sel = selectors.DefaultSelector()
         self.sel.register(sock, selectors.EVENT_READ, "sync")
         self.sel.register(self.pidfd, selectors.EVENT_READ, "exit")
-        for fd in run.streams:
+        self.streams = {s.fd: s for s in run.streams if s is not None}
+        for fd in self.streams:
             self.sel.register(fd, selectors.EVENT_READ, "output")
         if cancel_fd is not None:
             self.sel.register(cancel_fd, selectors.EVENT_READ, "cancel")
@@ -432,12 +453,22 @@ class _Supervisor:
             elif key.data == "notify":
                 self._forbidden(key.fd)
             elif key.data == "cancel":
-                self.sel.unregister(key.fd)
-                self.run_state.setup_error = "the run was cancelled: its caller went away"
-                self._kill("cancelled")
+                self._cancel(key.fd)
             elif key.data == "exit":
                 return os.wait4(self.pid, 0)[2]
         return None
+
+    def _cancel(self, fd: int) -> None:
+        self.sel.unregister(fd)
+        try:
+            why = os.read(fd, 1)
+        except OSError:
+            why = b""
+        if why == b"p":
+            self._kill("peer_exited")
+        else:
+            self.run_state.setup_error = "the run was cancelled: its caller went away"
+            self._kill("cancelled")
 
     def _kill(self, reason: str) -> None:
         run = self.run_state
@@ -472,6 +503,10 @@ class _Supervisor:
         run, f = self.run_state, msg.fields
         if msg.kind == protocol.UNSHARED:
             userns.write_maps(msg.pid, self.spec.profile.uid, self.spec.profile.gid, self.ids)
+            if self.spec.link is not None:
+                from .network import attach
+
+                attach(self.spec.link, msg.pid)
             protocol.send(self.sock, protocol.GO)
         elif msg.kind == protocol.EXEC:
             run.exec_at = int(f["at"]) / 1e9
@@ -512,7 +547,7 @@ class _Supervisor:
                     self.sel.unregister(key.fd)
 
     def _copy_output(self, fd: int, *, enforce: bool) -> None:
-        stream = self.run_state.streams[fd]
+        stream = self.streams[fd]
         data = os.read(fd, CHUNK)
         if not data:
             self.sel.unregister(fd)

@@ -15,6 +15,8 @@ KILL_VERDICTS = {
     "cpu_time": Verdict.CPU_TIME_LIMIT,
     "output": Verdict.OUTPUT_LIMIT,
     "forbidden_syscall": Verdict.FORBIDDEN_SYSCALL,
+    # In a group: still running a grace period after a peer ended (waiting for it, or hung).
+    "peer_exited": Verdict.WALL_TIME_LIMIT,
 }
 
 

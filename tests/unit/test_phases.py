@@ -36,7 +36,8 @@ def plan():
     root = RootPlan(layers=(), binds=(), tmp_size=1, work_size=1, workdir="/box",
                     noexec_tmp=False, uid=1000, gid=1000)
     p = child.ChildPlan(argv=("/bin/true",), env={"PATH": "/bin"}, hostname="box",
-                        network=NetworkMode.NONE, uid=1000, gid=1000, drop_groups=True, root=root,
+                        network=NetworkMode.NONE, address=None, uid=1000, gid=1000,
+                        drop_groups=True, root=root,
                         rlimits=((4, 0),), stdio=(0, 1, 2), sync=theirs, bpf=b"\0" * 8,
                         listener=True, supervisor_pid=os.getppid(), root_ready=os.pipe(),
                         cgroup_entry=(7, 8))
