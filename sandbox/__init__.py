@@ -13,15 +13,15 @@ from .report import AppliedLimit, Report, Verdict
 from .spec import Bind
 
 if TYPE_CHECKING:
-    from .api import run
+    from .api import run, run_group
 
 
 def __getattr__(name: str) -> Any:
     # The library entry point loads on first use, so the CLI never pays for the helper's imports.
-    if name == "run":
-        from .api import run
+    if name in ("run", "run_group"):
+        from . import api
 
-        return run
+        return getattr(api, name)
     raise AttributeError(f"module 'sandbox' has no attribute {name!r}")
 
 
@@ -34,5 +34,6 @@ __all__ = [
     "SandboxError",
     "Verdict",
     "run",
+    "run_group",
 ]
 __version__ = "0.1.0"

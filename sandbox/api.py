@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import helper, logs
 from .errors import HostError, SandboxError
+from .group import GroupReport, load_group
 from .report import Report
 from .request import Request, resolve
 from .spec import Bind
@@ -170,17 +171,40 @@ def run(
             env=env or {},
         )
     )
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    stdin_fd = _stdin_fd(stdin)
     outputs = [os.dup(fd) for fd in (stdout, stderr) if fd is not None]
     request = helper.Request(spec, stdout is not None, stderr is not None)
+    result = _call(request, [_stdin_fd(stdin), *outputs])
+    if not isinstance(result, Report):
+        raise HostError("the box helper sent an unexpected answer")
+    logs.log_run(result)
+    return result
+
+
+def run_group(path: str | Path) -> GroupReport:
+    """Run the group file at ``path`` (see :mod:`sandbox.group`) and return every box's report.
+
+    Raises :class:`~sandbox.errors.ConfigError` for an invalid group file, naming the file,
+    the box and the key.
+    """
+    group = load_group(path)
+    result = _call(helper.Request(None, group=group), [_stdin_fd(None)])
+    if not isinstance(result, GroupReport):
+        raise HostError("the box helper sent an unexpected answer")
+    for report in result.reports.values():
+        logs.log_run(report)
+    return result
+
+
+def _call(request: helper.Request, fds: list[int]) -> object:
+    """Send ``request`` with ``fds`` (which this closes) to the helper and wait for its answer."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with ours:
             try:
-                _helper.submit(pickle.dumps(request), [theirs.fileno(), stdin_fd, *outputs])
+                _helper.submit(pickle.dumps(request), [theirs.fileno(), *fds])
             finally:
                 theirs.close()
-                for fd in (stdin_fd, *outputs):
+                for fd in fds:
                     os.close(fd)
             try:
                 result = helper.receive_result(ours)
@@ -190,7 +214,4 @@ def run(
         raise HostError(f"cannot reach the box helper: {e.strerror or e}") from None
     if isinstance(result, SandboxError):
         raise result
-    if not isinstance(result, Report):
-        raise HostError("the box helper sent an unexpected answer")
-    logs.log_run(result)
     return result

@@ -104,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
         explain.add_argument(f"--{attribute}")
     polsub.add_parser("check", help="validate a policy file").add_argument("file")
 
+    grp = sub.add_parser("group", help="run a group of boxes (pipes, linked network)")
+    gsub = grp.add_subparsers(dest="action", required=True)
+    grun = gsub.add_parser("run", help="run every box of a group file")
+    grun.add_argument("file")
+    grun.add_argument("--report", metavar="FILE", help="write the group's JSON report here")
+    gsub.add_parser("check", help="validate a group file").add_argument("file")
+
     sub.add_parser("doctor", help="which guarantees hold on this host")
     return p
 
@@ -249,6 +256,27 @@ def console_main() -> None:
     os._exit(code)
 
 
+def _group(args: argparse.Namespace) -> int:
+    from .group import load_group, run_group
+
+    group = load_group(args.file)
+    if args.action == "check":
+        print(f"{group.source}: ok ({len(group.boxes)} boxes, network {group.network.value})")
+        return 0
+    report = run_group(group)
+    if args.report:
+        _write_atomically(args.report, report.to_json())
+    for name in report.order:
+        box = report.reports[name]
+        code = box.exit_code if box.exit_code is not None else box.signal_name
+        print(
+            f"{name}: {box.verdict.value} (exit {code}, cpu {box.cpu_time:.3f}s, "
+            f"wall {box.wall_time:.3f}s)",
+            file=sys.stderr,
+        )
+    return 0 if report.ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sandbox`` console script; returns the exit code."""
     parser = _parser()
@@ -264,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _profile(args)
         if args.command == "policy":
             return _policy(args)
+        if args.command == "group":
+            return _group(args)
         from .doctor import run_doctor
 
         return run_doctor()

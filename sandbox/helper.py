@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SandboxError
+from .group import GroupSpec
 from .spec import Spec
 
 _LENGTH = struct.Struct("!Q")
@@ -29,12 +30,18 @@ _LENGTH = struct.Struct("!Q")
 
 @dataclass(frozen=True)
 class Request:
-    """One run sent to the helper, with (in this order) the run's socket, stdin, and stdout and
-    stderr descriptors when the program's output goes to files instead of being captured."""
+    """One run (or a group's) sent to the helper, with (in this order) the run's socket, stdin,
+    and stdout and stderr descriptors when the program's output goes to files."""
 
-    spec: Spec
-    stdout_to_fd: bool
-    stderr_to_fd: bool
+    spec: Spec | None
+    stdout_to_fd: bool = False
+    stderr_to_fd: bool = False
+    group: GroupSpec | None = None
+
+    @property
+    def specs(self) -> list[Spec]:
+        boxes = self.group.boxes if self.group is not None else ()
+        return [b.spec for b in boxes] + ([self.spec] if self.spec is not None else [])
 
     @property
     def descriptors(self) -> int:
@@ -76,7 +83,14 @@ def _serve_one(request: Request, conn: socket.socket, fds: list[int]) -> None:
     for to_fd in (request.stdout_to_fd, request.stderr_to_fd):
         sinks.append(FdSink(rest.pop(0)) if to_fd else BufferSink())
     try:
-        result: Any = run_box(request.spec, stdin_fd, sinks[0], sinks[1], cancel_fd=conn.fileno())
+        if request.group is not None:
+            from .group import run_group
+
+            result: Any = run_group(request.group)
+        elif request.spec is not None:
+            result = run_box(request.spec, stdin_fd, sinks[0], sinks[1], cancel_fd=conn.fileno())
+        else:
+            result = SandboxError("the box helper got an empty request")
     except SandboxError as e:
         result = e
     except Exception as e:  # any other failure still reaches the caller, as an error
@@ -103,7 +117,8 @@ def serve(control: socket.socket) -> None:
             for fd in fds:
                 os.close(fd)
             continue
-        compile_filter(request.spec.profile.seccomp, notify=notify)  # inherited by forks
+        for spec in request.specs:
+            compile_filter(spec.profile.seccomp, notify=notify)  # inherited by forks
         pid = os.fork()
         if pid == 0:
             code = 1

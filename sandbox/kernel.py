@@ -226,8 +226,10 @@ class Kernel:
         name = ifname.encode()
         mask = (0xFFFF_FFFF << (32 - prefix)) & 0xFFFF_FFFF
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for request, value in ((_SIOCSIFADDR, socket.inet_aton(address)),
-                                   (_SIOCSIFNETMASK, mask.to_bytes(4, "big"))):
+            for request, value in (
+                (_SIOCSIFADDR, socket.inet_aton(address)),
+                (_SIOCSIFNETMASK, mask.to_bytes(4, "big")),
+            ):
                 sockaddr = struct.pack("=H2s4s8x", socket.AF_INET, b"\0\0", value)
                 fcntl.ioctl(s, request, struct.pack("16s16s8x", name, sockaddr))
         _interface_up(name)

@@ -68,8 +68,7 @@ class LinkedNetwork:
         for index, member in enumerate(members):
             address = str(subnet.network_address + index + 2)
             hosts.append(f"{address}\t{member}")
-            self.links[member] = Link(self.name, index, address, PREFIX,
-                                      str(self.dir / "hosts"))
+            self.links[member] = Link(self.name, index, address, PREFIX, str(self.dir / "hosts"))
         (self.dir / "hosts").write_text("\n".join(hosts) + "\n")
         os.chmod(self.dir / "hosts", 0o644)
 

@@ -154,9 +154,12 @@ def resource_name(which: int) -> str:
 def _check_host(spec: Spec, backend: cgroups.CgroupBackend | HostError) -> None:
     """Fail closed: refuse limits this host cannot enforce, unless the profile allows a fallback."""
     if (spec.profile.network is NetworkMode.LINKED) != (spec.link is not None):
-        raise ConfigError(spec.profile.source, "box.network",
-                          "'linked' boxes run in a linked group (sandbox group run FILE), "
-                          "and a linked group's boxes need a profile with network = 'linked'")
+        raise ConfigError(
+            spec.profile.source,
+            "box.network",
+            "'linked' boxes run in a linked group (sandbox group run FILE), "
+            "and a linked group's boxes need a profile with network = 'linked'",
+        )
     if not isinstance(backend, HostError):
         return
     limits = spec.limits
