@@ -14,6 +14,7 @@ from .spec import Bind
 
 if TYPE_CHECKING:
     from .api import run, run_group
+    from .group import GroupReport
 
 
 def __getattr__(name: str) -> Any:
@@ -22,6 +23,10 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
+    if name == "GroupReport":
+        from .group import GroupReport
+
+        return GroupReport
     raise AttributeError(f"module 'sandbox' has no attribute {name!r}")
 
 
@@ -29,6 +34,7 @@ __all__ = [
     "AppliedLimit",
     "Bind",
     "ConfigError",
+    "GroupReport",
     "HostError",
     "Report",
     "SandboxError",

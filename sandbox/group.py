@@ -253,6 +253,16 @@ def _run(group: GroupSpec, boxes: tuple[BoxSpec, ...]) -> GroupReport:
                     Kernel().set_pdeathsig(signal.SIGKILL)
                     if os.getppid() != runner:
                         os._exit(1)
+                    # Keep only this box's pipe ends: a copy of a peer's write end held here
+                    # would keep that peer's reader from ever seeing end of file.
+                    keep = {pipes[box.stdin_from][0]} if box.stdin_from else set()
+                    if box.name in pipes:
+                        keep.add(pipes[box.name][1])
+                    for fd in {fd for pair in pipes.values() for fd in pair} - keep:
+                        os.close(fd)
+                    for _, other_result, other_cancel in running.values():
+                        os.close(other_result)
+                        os.close(other_cancel)
                     stdin = (
                         pipes[box.stdin_from][0]
                         if box.stdin_from
@@ -285,9 +295,10 @@ def _collect(group: GroupSpec, running: dict[str, tuple[int, int, int]]) -> Grou
     order: list[str] = []
     buffers = {name: bytearray() for name in running}
     by_fd = {fd: name for name, (_, fd, _) in running.items()}
-    stop_at: float | None = None
+    stop_at: float | None = None  # when the boxes still running are told to stop
+    stopped = False
     while by_fd:
-        timeout = None if stop_at is None else max(stop_at - time.monotonic(), 0)
+        timeout = None if stop_at is None or stopped else max(stop_at - time.monotonic(), 0)
         ready, _, _ = select.select(list(by_fd), [], [], timeout)
         for fd in ready:
             chunk = os.read(fd, 1 << 20)
@@ -309,11 +320,11 @@ def _collect(group: GroupSpec, running: dict[str, tuple[int, int, int]]) -> Grou
             order.append(name)
             if stop_at is None:
                 stop_at = time.monotonic() + group.peer_grace
-        if stop_at is not None and time.monotonic() >= stop_at:
+        if stop_at is not None and not stopped and time.monotonic() >= stop_at:
             for name in by_fd.values():
                 with contextlib.suppress(OSError):
                     os.write(running[name][2], b"p")  # a peer ended: stop (peer_exited)
-            stop_at = float("inf")
+            stopped = True
     if errors:
         raise errors[0]
     return GroupReport(group.name, reports, order[0] if order else None, tuple(order))

@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import SandboxError
 from .group import GroupSpec
-from .spec import Spec
+from .spec import NetworkMode, Spec
 
 _LENGTH = struct.Struct("!Q")
 
@@ -119,6 +119,8 @@ def serve(control: socket.socket) -> None:
             continue
         for spec in request.specs:
             compile_filter(spec.profile.seccomp, notify=notify)  # inherited by forks
+            if spec.profile.network is NetworkMode.LINKED:
+                import pyroute2  # noqa: F401 - imported once here, not in every fork (250 ms)
         pid = os.fork()
         if pid == 0:
             code = 1

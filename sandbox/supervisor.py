@@ -185,7 +185,8 @@ def run_box(
     """Run ``spec`` to completion and return its report. Raises only for sandbox failures.
 
     ``stdout``/``stderr`` given as a descriptor go to the program as they are (a pipe to
-    another box): no output limit and no count then. ``cancel_fd`` stops the run when it
+    another box): no output limit and no count then, and run_box closes them once the box has
+    them, so its peer sees end of file as soon as the box is gone. ``cancel_fd`` stops the run when it
     becomes readable: a byte ``p`` means a peer of the box ended (``peer_exited``), end of file
     that the caller went away (``cancelled``).
     """
@@ -243,7 +244,8 @@ def run_box(
             pid = child.start(Kernel(), plan)
         finally:
             child_sock.close()
-            for fd in (*ours, *root_ready, *entry):
+            handed_over = [fd for fd in (stdout, stderr) if isinstance(fd, int)]
+            for fd in (*ours, *root_ready, *entry, *handed_over):
                 os.close(fd)
         usage = _Supervisor(spec, run, pid, parent_sock, ids, box, cancel_fd).run()
         return _account(spec, run, usage, box, mechanisms, stdout, stderr)
