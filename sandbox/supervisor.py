@@ -186,9 +186,9 @@ def run_box(
 
     ``stdout``/``stderr`` given as a descriptor go to the program as they are (a pipe to
     another box): no output limit and no count then, and run_box closes them once the box has
-    them, so its peer sees end of file as soon as the box is gone. ``cancel_fd`` stops the run when it
-    becomes readable: a byte ``p`` means a peer of the box ended (``peer_exited``), end of file
-    that the caller went away (``cancelled``).
+    them, so its peer sees end of file as soon as the box is gone. ``cancel_fd`` stops the run
+    when it becomes readable: a byte ``p`` means a peer of the box ended (``peer_exited``),
+    end of file that the caller went away (``cancelled``).
     """
     started = time.monotonic()
     limits = spec.limits
