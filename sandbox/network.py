@@ -13,7 +13,6 @@ removes those of runners that died (their veths died with their boxes' namespace
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import ipaddress
 import itertools
 import os
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from .errors import HostError
 from .spec import Link
-from .state import ensure_dir, state_dir
+from .state import ensure_dir, state_dir, take_slot
 
 NETNS_DIR = Path("/run/netns")
 PREFIX = 24
@@ -102,16 +101,11 @@ def attach(link: Link, pid: int) -> None:
 
 def _take_subnet() -> tuple[int, ipaddress.IPv4Network]:
     """A /24 of 10.213.0.0/16 no running group uses, held by a lock for the group's life."""
-    directory = ensure_dir(state_dir() / "subnets")
-    for slot in range(SUBNETS):
-        fd = os.open(directory / str(slot), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        return fd, ipaddress.IPv4Network(f"10.213.{slot}.0/{PREFIX}")
-    raise HostError("all linked-network subnets are in use")
+    taken = take_slot("subnets", SUBNETS)
+    if taken is None:
+        raise HostError("all linked-network subnets are in use")
+    fd, slot = taken
+    return fd, ipaddress.IPv4Network(f"10.213.{slot}.0/{PREFIX}")
 
 
 def remove_stale() -> None:

@@ -17,6 +17,27 @@ def state_dir() -> Path:
     return Path(data) / "sandbox"
 
 
+def take_slot(kind: str, count: int, start: int = 0) -> tuple[int, int] | None:
+    """Lock one free slot of ``count`` (ids, subnets) for as long as the returned fd is open.
+
+    An ``flock`` is released by the kernel when its holder dies, even by SIGKILL, so a slot is
+    never lost. Returns (fd, slot), or None when every slot is taken.
+    """
+    import fcntl
+
+    directory = ensure_dir(state_dir() / kind)
+    for i in range(count):
+        slot = (start + i) % count
+        fd = os.open(directory / str(slot), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return fd, slot
+    return None
+
+
 def ensure_dir(path: Path, mode: int = 0o755) -> Path:
     """Create ``path`` (and parents) owned by us; refuse one another user could write to.
 

@@ -8,13 +8,12 @@ group ID mappings"), so every box of that user shares it.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import random
 from dataclasses import dataclass
 
 from .errors import HostError
-from .state import ensure_dir, state_dir
+from .state import take_slot
 
 ID_BASE = 100_000_000
 SLOTS = 65536
@@ -38,18 +37,12 @@ def allocate() -> HostIds:
     """Take a free id slot as root, or the caller's own ids otherwise."""
     if os.geteuid() != 0:
         return HostIds(os.geteuid(), os.getegid())
-    directory = ensure_dir(state_dir() / "ids")
     start = random.randrange(SLOTS)  # noqa: S311 - spreads contention, not a secret
-    for i in range(SLOTS):
-        slot = (start + i) % SLOTS
-        fd = os.open(directory / str(slot), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        return HostIds(ID_BASE + slot, ID_BASE + slot, fd)
-    raise HostError("all box id slots are in use")
+    taken = take_slot("ids", SLOTS, start)
+    if taken is None:
+        raise HostError("all box id slots are in use")
+    fd, slot = taken
+    return HostIds(ID_BASE + slot, ID_BASE + slot, fd)
 
 
 def write_maps(pid: int, inside_uid: int, inside_gid: int, ids: HostIds) -> None:
