@@ -10,11 +10,13 @@ host, and anything that is not a regular file, directory or symlink, are never c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import stat
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +105,14 @@ def _write_etc(etc: Path, hostname: str, uid: int, gid: int) -> None:
         os.chmod(etc / name, 0o644)
 
 
+def _remove_abandoned_builds(layers: Path) -> None:
+    """A build takes milliseconds: one older than ten minutes belongs to a killed process."""
+    for stale in layers.glob(".build-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 600:
+                shutil.rmtree(stale)
+
+
 def ensure_base_layer(hostname: str, uid: int, gid: int) -> BaseLayer:
     """Build (once, atomically) and return the base layer for these box identities."""
     layers = ensure_dir(state_dir() / "layers")
@@ -114,6 +124,7 @@ def ensure_base_layer(hostname: str, uid: int, gid: int) -> BaseLayer:
     )
     if path.is_dir():
         return BaseLayer(path, host_binds)
+    _remove_abandoned_builds(layers)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=layers))
     try:
         os.chmod(tmp, 0o755)  # noqa: S103 - every box's host id must read the layer
