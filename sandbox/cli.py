@@ -277,8 +277,19 @@ def _group(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _ensure_standard_fds() -> None:
+    """Started with 0, 1 or 2 closed, the next descriptor opened (a pipe, the box's sync
+    socket) would take that number and be handed to the program as its stdio: fill them."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sandbox`` console script; returns the exit code."""
+    _ensure_standard_fds()
     parser = _parser()
     args = parser.parse_args(argv)
     if args.log_level in ("debug", "info"):

@@ -199,3 +199,13 @@ def test_bind_targets_that_would_escape_or_shadow_are_refused(tmp_path, target, 
     result = exec_("--ro-bind", f"{tmp_path}:{target}", "--", "true")
     assert result.returncode == 125
     assert message in result.stderr
+
+
+def test_closed_standard_descriptors_become_dev_null():
+    import subprocess
+
+    from tests.conftest import SANDBOX
+
+    script = f"exec 0<&- 2>/dev/null; {SANDBOX} exec -- readlink /proc/self/fd/0"
+    result = subprocess.run(["sh", "-c", script], capture_output=True)
+    assert result.returncode == 0 and result.stdout == b"/dev/null\n"
