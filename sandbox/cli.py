@@ -284,7 +284,7 @@ def _ensure_standard_fds() -> None:
         try:
             os.fstat(fd)
         except OSError:
-            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+            os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)  # takes this number
 
 
 def main(argv: Sequence[str] | None = None) -> int:

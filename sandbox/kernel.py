@@ -241,7 +241,10 @@ class Kernel:
         resource.setrlimit(which, (value, value))
 
     def dup2(self, fd: int, target: int) -> None:
-        os.dup2(fd, target, inheritable=True)
+        if fd == target:  # dup2 onto itself changes nothing, close-on-exec included
+            os.set_inheritable(fd, True)
+        else:
+            os.dup2(fd, target, inheritable=True)
 
     def close_fds_except(self, keep: tuple[int, ...]) -> None:
         # close_range(2) closes whole ranges in one call; gaps are the fds we keep.

@@ -206,6 +206,6 @@ def test_closed_standard_descriptors_become_dev_null():
 
     from tests.conftest import SANDBOX
 
-    script = f"exec 0<&- 2>/dev/null; {SANDBOX} exec -- readlink /proc/self/fd/0"
+    script = f"exec 0<&-; {SANDBOX} exec -- readlink /proc/self/fd/0"
     result = subprocess.run(["sh", "-c", script], capture_output=True)
     assert result.returncode == 0 and result.stdout == b"/dev/null\n"
