@@ -103,6 +103,8 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), None, f"not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8 (found by fuzzing)
+        raise ConfigError(str(path), None, f"not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise ConfigError(str(path), None, f"cannot read: {e.strerror}") from None
 

@@ -56,7 +56,10 @@ def parse_cpu_list(value: object) -> tuple[int, ...]:
     elif isinstance(value, str) and re.fullmatch(r"\s*\d+(-\d+)?(\s*,\s*\d+(-\d+)?)*\s*", value):
         for part in value.split(","):
             first, _, last = part.strip().partition("-")
-            cpus.update(range(int(first), int(last or first) + 1))
+            low, high = int(first), int(last or first)
+            if high > 4095 or low > high:  # checked before the range is built (fuzzing found it)
+                raise ValueError(f"expected CPU numbers from 0 to 4095 in order, got {part!r}")
+            cpus.update(range(low, high + 1))
     else:
         raise ValueError(f"expected a CPU list such as 0-1,3, got {value!r}")
     if not cpus or min(cpus) < 0 or max(cpus) > 4095:
