@@ -17,7 +17,7 @@ def state_dir() -> Path:
     return Path(data) / "sandbox"
 
 
-def take_slot(kind: str, count: int, start: int = 0) -> tuple[int, int] | None:
+def take_slot(kind: str, count: int) -> tuple[int, int] | None:
     """Lock one free slot of ``count`` (ids, subnets) for as long as the returned fd is open.
 
     An ``flock`` is released by the kernel when its holder dies, even by SIGKILL, so a slot is
@@ -26,8 +26,7 @@ def take_slot(kind: str, count: int, start: int = 0) -> tuple[int, int] | None:
     import fcntl
 
     directory = ensure_dir(state_dir() / kind)
-    for i in range(count):
-        slot = (start + i) % count
+    for slot in range(count):
         fd = os.open(directory / str(slot), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

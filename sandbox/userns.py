@@ -9,7 +9,6 @@ group ID mappings"), so every box of that user shares it.
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 
 from .errors import HostError
@@ -37,8 +36,9 @@ def allocate() -> HostIds:
     """Take a free id slot as root, or the caller's own ids otherwise."""
     if os.geteuid() != 0:
         return HostIds(os.geteuid(), os.getegid())
-    start = random.randrange(SLOTS)  # noqa: S311 - spreads contention, not a secret
-    taken = take_slot("ids", SLOTS, start)
+    # The lowest free slot: lock files are reused, so their number stays at the most boxes
+    # ever run at once instead of growing towards SLOTS.
+    taken = take_slot("ids", SLOTS)
     if taken is None:
         raise HostError("all box id slots are in use")
     fd, slot = taken
