@@ -53,7 +53,10 @@ _LIMIT_HELP = {
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="sandbox", description="Run untrusted programs safely.")
+    p.add_argument("--version", action="version", version=f"sandbox {__version__}")
     p.add_argument("--log-format", choices=("console", "json"), default="console")
     p.add_argument(
         "--log-level",
