@@ -124,6 +124,8 @@ def run(
     extra_time: float | str | None = None,
     cpu_quota: float | None = None,
     cpus: str | list[int] | None = None,
+    root_size: int | str | None = None,
+    image: str | None = None,
 ) -> Report:
     """Run ``argv`` in a new box and return its report (captured output in ``stdout``/``stderr``).
 
@@ -134,7 +136,9 @@ def run(
     to (the output limit applies either way). Limits
     override the profile's (sizes accept ``64M``, durations ``500ms``). Raises
     :class:`~sandbox.errors.SandboxError` for invalid requests and hosts that cannot honour the
-    profile; everything the program does is in the report's verdict.
+    profile; everything the program does is in the report's verdict. ``image`` runs on an
+    image of the store (its Entrypoint/Cmd, Env and WorkingDir apply; an empty ``argv`` runs
+    its command); ``root_size`` makes the root writable with that much room.
     """
     attributes = {
         k: v
@@ -157,6 +161,7 @@ def run(
             ("extra_time", extra_time),
             ("cpu_quota", cpu_quota),
             ("cpus", cpus),
+            ("root_size", root_size),
         )
         if v is not None
     }
@@ -169,6 +174,7 @@ def run(
             binds=[_as_bind(b) for b in binds],
             limits=limits,
             env=env or {},
+            image=image,
         )
     )
     outputs = [os.dup(fd) for fd in (stdout, stderr) if fd is not None]

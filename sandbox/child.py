@@ -222,7 +222,7 @@ def await_root(k: KernelOps, plan: ChildPlan) -> None:
     if os.read(read_end, 1) != b"1":
         raise PhaseError("await_root", "wait for the root", 0, "init failed to build it")
     os.close(read_end)
-    k.chdir(plan.root.workdir)
+    k.chdir(plan.root.cwd or plan.root.workdir)
 
 
 def unshare_cgroup(k: KernelOps, plan: ChildPlan) -> None:

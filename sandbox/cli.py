@@ -34,6 +34,7 @@ _LIMIT_FLAGS = {
     "extra_time": "--extra-time",
     "cpu_quota": "--cpu-quota",
     "cpus": "--cpus",
+    "root_size": "--root-size",
 }
 _LIMIT_HELP = {
     "wall_time": "seconds (2, 2.5s, 500ms)",
@@ -49,6 +50,7 @@ _LIMIT_HELP = {
     "extra_time": "grace seconds before a time limit kills (still a time-limit verdict)",
     "cpu_quota": "CPUs' worth of time (1.5 = one and a half CPUs)",
     "cpus": "CPUs to pin the box to (0-1,3)",
+    "root_size": "make the root writable, with this much room (thrown away after the run)",
 }
 
 
@@ -70,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
         "exec", help="run a command in a box", usage="sandbox exec [options] -- CMD [ARG...]"
     )
     ex.add_argument("--profile", help="profile name or path (default: strict)")
+    ex.add_argument("--image", metavar="REF", help="run on this image of the store")
     ex.add_argument("--policy", help="policy file that selects the profile and sets ceilings")
     for attribute in ("purpose", "language", "tenant"):
         ex.add_argument(f"--{attribute}", help="request attribute for the policy's rules")
@@ -114,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     grun.add_argument("--report", metavar="FILE", help="write the group's JSON report here")
     gsub.add_parser("check", help="validate a group file").add_argument("file")
 
+    from .cli_image import add_image_parser
+
+    add_image_parser(sub)
     sub.add_parser("doctor", help="which guarantees hold on this host")
     return p
 
@@ -166,7 +172,7 @@ def _exec(args: argparse.Namespace) -> int:
     from .supervisor import FdSink, run_box
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    if not cmd:
+    if not cmd and args.image is None:
         raise ConfigError(
             "command line",
             None,
@@ -188,6 +194,7 @@ def _exec(args: argparse.Namespace) -> int:
         + [parse_bind(b, False) for b in args.ro_bind],
         limits={n: getattr(args, n) for n in LIMIT_NAMES if getattr(args, n) is not None},
         env=env,
+        image=args.image,
     )
     spec = resolve(request)
     for note in spec.clamped:
@@ -308,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _policy(args)
         if args.command == "group":
             return _group(args)
+        if args.command == "image":
+            from .cli_image import run_image
+
+            return run_image(args)
         from .doctor import run_doctor
 
         return run_doctor()

@@ -11,6 +11,8 @@ class              raised when                                                  
 =================  =============================================================  ========
 ``ConfigError``    a profile, policy or request is invalid (names file and key)   125
 ``HostError``      this host cannot give a guarantee the profile demands          125
+``ImageError``     an image, layer, build file or registry answer is missing or   125
+                   refused (bad reference, digest mismatch, hostile layer, ...)
 =================  =============================================================  ========
 """
 
@@ -49,3 +51,7 @@ class ConfigError(SandboxError):
 
 class HostError(SandboxError):
     """This host cannot enforce something the profile demands (the run is refused)."""
+
+
+class ImageError(SandboxError):
+    """An image cannot be used: missing, malformed, refused as hostile, or unreachable."""

@@ -45,7 +45,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 SOCKET_FAMILIES = {"unix": socket.AF_UNIX, "inet": socket.AF_INET, "inet6": socket.AF_INET6}
 
-_TOP_KEYS = {"description", "extends", "box", "limits", "env", "seccomp", "bind"}
+_TOP_KEYS = {"description", "extends", "box", "limits", "env", "seccomp", "bind", "image"}
 _BOX_KEYS = {"hostname", "network", "uid", "gid", "workdir", "noexec_tmp"}
 _LIMIT_KEYS = set(LIMIT_NAMES) | {"fallback"}
 _SECCOMP_KEYS = {"default", "default_errno", "allow", "rule", "socket_families", "namespace_clone"}
@@ -209,7 +209,21 @@ class _Validator:
             fallback=fallback,
             seccomp=self.seccomp(top.get("seccomp", {})),
             binds=binds,
+            image=self.image(top),
         )
+
+    def image(self, top: dict[str, Any]) -> str | None:
+        if "image" not in top:
+            return None
+        from .errors import ImageError
+        from .image.reference import parse_reference
+
+        text = self.typed(top, "image", str, "", "image")
+        try:
+            parse_reference(text)
+        except ImageError as e:
+            raise self.fail("image", e.message) from None
+        return text
 
     def enum(self, value: object, kind: type[_E], key: str) -> _E:
         if isinstance(value, str):

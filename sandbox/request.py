@@ -11,11 +11,15 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 from .policy import Policy, load_policy
 from .profiles import load_profile, parse_limits
-from .spec import Bind, Limits, Spec
+from .spec import ABSENT_IS_TIGHTEST, Bind, ImageRoot, Limits, Spec
+
+if TYPE_CHECKING:
+    from .image.oci import ImageConfig
 
 DEFAULT_PROFILE = "strict"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -32,6 +36,7 @@ class Request:
     binds: Sequence[Bind] = ()
     limits: Mapping[str, object] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
+    image: str | None = None  # overrides the profile's ``image``
 
 
 def parse_bind(text: str, writable: bool) -> Bind:
@@ -52,6 +57,8 @@ def clamp(limits: Limits, policy: Policy | None) -> tuple[Limits, tuple[str, ...
     notes = []
     for name, ceiling in policy.ceilings:
         value = getattr(limits, name)
+        if value is None and name in ABSENT_IS_TIGHTEST:
+            continue
         if value is None or value > ceiling:
             changes[name] = ceiling
             notes.append(f"{name}: {value} -> {ceiling} ({policy.source}: ceilings.{name})")
@@ -60,9 +67,6 @@ def clamp(limits: Limits, policy: Policy | None) -> tuple[Limits, tuple[str, ...
 
 def resolve(request: Request) -> Spec:
     """Validate ``request`` and turn it into the frozen Spec of one run."""
-    argv = tuple(request.argv)
-    if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv) or not argv[0]:
-        raise ConfigError("request", "argv", "expected a non-empty command without NUL bytes")
     policy = load_policy(request.policy) if request.policy is not None else None
     attributes = dict(request.attributes)
     if policy is not None:
@@ -100,11 +104,35 @@ def resolve(request: Request) -> Spec:
     for key, value in request.env.items():
         if not _ENV_NAME.match(key) or not isinstance(value, str) or "\0" in value:
             raise ConfigError("request", f"env.{key}", "expected NAME=value without NUL bytes")
+    argv = tuple(request.argv)
+    env = tuple(request.env.items())
+    image, cwd = None, None
+    reference = request.image or profile.image
+    if reference is not None:
+        image, config = _image_root(reference)
+        # The image's command and environment apply; its User never does (the profile's uid
+        # is the box's), and neither do its volumes or ports.
+        argv = (*(config.entrypoint or ()), *(argv or config.cmd or ()))
+        env = (*config.env, *env)
+        cwd = config.workdir or None
+    if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv) or not argv[0]:
+        raise ConfigError("request", "argv", "expected a non-empty command without NUL bytes")
     return Spec(
         profile=profile,
         argv=argv,
         limits=limits,
         binds=binds,
-        env=tuple(request.env.items()),
+        env=env,
+        cwd=cwd,
         clamped=clamped,
+        image=image,
     )
+
+
+def _image_root(reference: str) -> tuple[ImageRoot, ImageConfig]:
+    from .image.store import Store
+
+    store = Store()
+    image = store.image(reference)
+    layers = store.layer_dirs(image)
+    return ImageRoot(reference, image.digest, layers, str(store.root)), image.config

@@ -93,6 +93,9 @@ class RootPlan:
     noexec_tmp: bool
     uid: int
     gid: int
+    cwd: str | None = None  # where the program starts; the work dir if None
+    root_size: int | None = None  # writable root of this size; read-only if None
+    build_dir: str | None = None  # a build step's host dir holding upper/ and work/
 
 
 def _check_source(bind: Bind, source_name: str) -> MountSource:
@@ -131,8 +134,13 @@ def _check_target(bind: Bind, source_name: str) -> None:
 def plan_root(spec: Spec) -> RootPlan:
     """Check and describe the layers and binds of ``spec``'s root."""
     profile = spec.profile
-    base = ensure_base_layer(spec.hostname or profile.hostname, profile.uid, profile.gid)
-    binds = [_check_source(Bind(d, d), "host base") for d in base.host_binds]
+    binds = []
+    if spec.image is not None:
+        layers = spec.image.layers
+    else:
+        base = ensure_base_layer(spec.hostname or profile.hostname, profile.uid, profile.gid)
+        layers = (str(base.path),)
+        binds = [_check_source(Bind(d, d), "host base") for d in base.host_binds]
     for bind in (*profile.binds, *spec.binds):
         source = profile.source if bind in profile.binds else "request"
         _check_target(bind, source)
@@ -140,7 +148,7 @@ def plan_root(spec: Spec) -> RootPlan:
     if spec.link is not None:  # the group's members by name
         binds.append(_check_source(Bind(spec.link.hosts_file, "/etc/hosts"), "group"))
     return RootPlan(
-        layers=(str(base.path),),
+        layers=layers,
         binds=tuple(binds),
         tmp_size=spec.limits.tmp_size,
         work_size=spec.limits.work_size,
@@ -148,6 +156,9 @@ def plan_root(spec: Spec) -> RootPlan:
         noexec_tmp=profile.noexec_tmp,
         uid=profile.uid,
         gid=profile.gid,
+        cwd=spec.cwd,
+        root_size=spec.limits.root_size,
+        build_dir=spec.image.upper if spec.image is not None else None,
     )
 
 
@@ -203,28 +214,47 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
     k.mount(None, "/", None, MS_REC | MS_PRIVATE)
     layer_fds = [_open_path(layer) for layer in plan.layers]
     bind_fds = [_open_path(m.source) for m in plan.binds]
+    build_fd = _open_path(plan.build_dir) if plan.build_dir else None
     k.set_fsids(plan.uid, plan.gid)
-    k.mount("tmpfs", STAGE, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=0700")
-    for name in ("upper", "work", "root"):
+    stage_size = (plan.root_size or 0) + (1 << 20)
+    k.mount(
+        "tmpfs",
+        STAGE,
+        "tmpfs",
+        MS_NOSUID | MS_NODEV,
+        f"size={stage_size},nr_inodes=65536,mode=0700",
+    )
+    for name in ("points", "upper", "work", "root"):
         os.mkdir(f"{STAGE}/{name}", 0o755)
     root = f"{STAGE}/root"
-    writable_dirs = ("/tmp", plan.workdir)
+    # A build step keeps /box out of its layer: it runs in the image's own directories.
+    writable_dirs = ("/tmp",) if build_fd is not None else ("/tmp", plan.workdir)
     binds = sorted(zip(plan.binds, bind_fds, strict=True), key=lambda b: b[0].target)
-    # Mount points outside the writable dirs go into the upper layer before the overlay is
-    # mounted (the layers' own directories belong to ids the box cannot write as).
-    for source, _ in binds:
-        inside_writable = any(_is_under(source.target, d) for d in writable_dirs)
-        in_layers = any(os.path.lexists(f"/proc/self/fd/{fd}{source.target}") for fd in layer_fds)
-        if not inside_writable and not in_layers:
-            _refuse_layer_symlinks(layer_fds, source.target)
-            _make_mount_point(f"{STAGE}/upper{source.target}", source.is_dir)
-    lowers = ":".join(f"/proc/self/fd/{fd}" for fd in layer_fds)
+    # Mount points go into a small layer of their own on top of the image's, so they never
+    # land in a build step's upper (its layer) and need no write access to the image.
+    fixed = (*writable_dirs, "/dev", "/proc")
+    targets = [(t, True, True) for t in fixed] + [(m.target, m.is_dir, False) for m, _ in binds]
+    for target, is_dir, always in targets:
+        if any(_is_under(target, d) and d != target for d in writable_dirs):
+            continue  # made once that tmpfs is mounted
+        if always or not any(os.path.lexists(f"/proc/self/fd/{fd}{target}") for fd in layer_fds):
+            _refuse_layer_symlinks(layer_fds, target)
+            _make_mount_point(f"{STAGE}/points{target}", is_dir)
+    lowers = ":".join([f"{STAGE}/points", *(f"/proc/self/fd/{fd}" for fd in layer_fds)])
+    if build_fd is not None:
+        upper, work = f"/proc/self/fd/{build_fd}/upper", f"/proc/self/fd/{build_fd}/work"
+    else:
+        upper, work = f"{STAGE}/upper", f"{STAGE}/work"
+    # redirect_dir=nofollow and metacopy=off: a lower layer's xattrs must never send a lookup
+    # elsewhere (overlayfs docs, "Permission model"; CVE-2021-3493-class confusion); userxattr:
+    # the box's user namespace reads user.overlay.* (its layers were unpacked that way).
     k.mount(
         "overlay",
         root,
         "overlay",
         MS_NOSUID | MS_NODEV,
-        f"lowerdir={lowers},upperdir={STAGE}/upper,workdir={STAGE}/work,userxattr",
+        f"lowerdir={lowers},upperdir={upper},workdir={work},userxattr,"
+        "redirect_dir=nofollow,metacopy=off",
     )
     noexec = MS_NOEXEC if plan.noexec_tmp else 0
     k.mount(
@@ -234,13 +264,14 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
         MS_NOSUID | MS_NODEV | noexec,
         f"size={plan.tmp_size},nr_inodes=16384,mode=1777",
     )
-    k.mount(
-        "tmpfs",
-        root + plan.workdir,
-        "tmpfs",
-        MS_NOSUID | MS_NODEV | noexec,
-        f"size={plan.work_size},nr_inodes=16384,mode=0755,uid={plan.uid},gid={plan.gid}",
-    )
+    if build_fd is None:
+        k.mount(
+            "tmpfs",
+            root + plan.workdir,
+            "tmpfs",
+            MS_NOSUID | MS_NODEV | noexec,
+            f"size={plan.work_size},nr_inodes=16384,mode=0755,uid={plan.uid},gid={plan.gid}",
+        )
     ro = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
     for source, fd in binds:
         path = root + source.target
@@ -248,16 +279,17 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
         _make_mount_point(path, source.is_dir)
         attrs = ro & ~MOUNT_ATTR_RDONLY if source.writable else ro
         _bind(k, f"/proc/self/fd/{fd}", path, attrs)
-    for fd in layer_fds + bind_fds:
+    for fd in layer_fds + bind_fds + ([build_fd] if build_fd is not None else []):
         os.close(fd)
     _build_dev(k, root + "/dev")
     _build_proc(k, root + "/proc")
-    k.mount_setattr(root, ro, recursive=False)
+    writable_root = plan.root_size is not None or build_fd is not None
+    k.mount_setattr(root, ro & ~MOUNT_ATTR_RDONLY if writable_root else ro, recursive=False)
 
     k.chdir(root)
     k.pivot_root(".", ".")
     k.umount2(".", MNT_DETACH)
-    k.chdir(plan.workdir)
+    k.chdir(plan.cwd or plan.workdir)
 
 
 def _build_dev(k: KernelOps, dev: str) -> None:

@@ -26,13 +26,18 @@ LIMIT_NAMES = (
     "extra_time",
     "cpu_quota",
     "cpus",
+    "root_size",
 )
 #: Limits given in seconds.
 DURATION_LIMITS = frozenset({"wall_time", "cpu_time", "extra_time"})
 #: Limits that are not ordered, so a policy cannot put a ceiling on them.
 UNORDERED_LIMITS = frozenset({"cpus"})
 #: Limits given in bytes (accept ``64M`` style sizes).
-SIZE_LIMITS = frozenset({"memory", "fsize", "stack", "output", "tmp_size", "work_size"})
+SIZE_LIMITS = frozenset(
+    {"memory", "fsize", "stack", "output", "tmp_size", "work_size", "root_size"}
+)
+#: Limits whose absence is the tightest setting (no writable root), so a ceiling never fills in.
+ABSENT_IS_TIGHTEST = frozenset({"root_size"})
 
 
 class NetworkMode(StrEnum):
@@ -75,6 +80,7 @@ class Limits:
     extra_time: float = 0.0  # grace after a time limit before the kill (isolate's --extra-time)
     cpu_quota: float | None = None  # CPUs' worth of time per period (cgroup cpu controller)
     cpus: tuple[int, ...] | None = None  # CPUs the box may run on (cgroup cpuset)
+    root_size: int | None = None  # a writable root of this size (tmpfs upper); read-only if None
 
     def merged(self, **overrides: object) -> Limits:
         """Return a copy with the given limits replaced (``None`` values are ignored)."""
@@ -141,6 +147,7 @@ class Profile:
     fallback: Fallback
     seccomp: SeccompPolicy
     binds: tuple[Bind, ...] = ()
+    image: str | None = None  # the image boxes run on; the host's /usr on a base layer if None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +159,17 @@ class Link:
     address: str
     prefix: int
     hosts_file: str  # the group's /etc/hosts, bound over the box's
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRoot:
+    """An image a box runs on: its unpacked layers, top first, from the image store."""
+
+    reference: str
+    digest: str  # the manifest's
+    layers: tuple[str, ...]
+    store: str  # the store's directory: a run holds its shared lock so prune waits
+    upper: str | None = None  # a build step's upper directory on the host (becomes a layer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +185,7 @@ class Spec:
     clamped: tuple[str, ...] = field(default=())
     hostname: str | None = None  # a group member's name; the profile's otherwise
     link: Link | None = None
+    image: ImageRoot | None = None  # the root's layers; the host's /usr on a base layer if None
 
     @property
     def environment(self) -> dict[str, str]:

@@ -24,6 +24,7 @@ from typing import Protocol
 from . import cgroups, child, protocol, seccomp, userns
 from .errors import ConfigError, HostError
 from .hostinfo import host_facts
+from .image.lock import hold_store
 from .kernel import Kernel
 from .report import AppliedLimit, Report
 from .rootfs import plan_root
@@ -198,8 +199,14 @@ def run_box(
     bpf = seccomp.compile_filter(spec.profile.seccomp, notify=listener)
     rlimits, mechanisms = _rlimits(limits, isinstance(backend, HostError))
     with contextlib.ExitStack() as stack:
-        ids = userns.allocate()
+        if spec.image is not None and spec.image.upper is not None:
+            # A build step: root of its namespace, as the owner of the image's files.
+            ids = userns.HostIds(*userns.image_owner())
+        else:
+            ids = userns.allocate()
         stack.callback(ids.release)
+        if spec.image is not None:  # prune waits until the run no longer needs its layers
+            stack.callback(os.close, hold_store(spec.image.store))
         root = plan_root(spec)
         box = None if isinstance(backend, HostError) else backend.create(limits)
         if box is not None:

@@ -16,6 +16,10 @@ from .state import take_slot
 
 ID_BASE = 100_000_000
 SLOTS = 65536
+#: As root, the host id that owns unpacked image layers and that a build step's box runs as
+#: (mapped to 0 inside, so it may change any file of the image, as a build's root does). Run
+#: boxes never get it: they see layer files as owned by nobody, read-only.
+IMAGE_OWNER = ID_BASE - 1
 
 
 @dataclass
@@ -43,6 +47,13 @@ def allocate() -> HostIds:
         raise HostError("all box id slots are in use")
     fd, slot = taken
     return HostIds(ID_BASE + slot, ID_BASE + slot, fd)
+
+
+def image_owner() -> tuple[int, int]:
+    """(uid, gid) owning unpacked layers: :data:`IMAGE_OWNER` as root, the caller otherwise."""
+    if os.geteuid() == 0:
+        return IMAGE_OWNER, IMAGE_OWNER
+    return os.geteuid(), os.getegid()
 
 
 def write_maps(pid: int, inside_uid: int, inside_gid: int, ids: HostIds) -> None:

@@ -1,0 +1,105 @@
+"""``sandbox image ...``: the image store from the command line (exit 0, or 125 on error)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import ImageError
+
+
+def add_image_parser(sub: Any) -> None:
+    """Add ``image`` and its subcommands to the top-level parser."""
+    img = sub.add_parser("image", help="build, list, move and remove images")
+    isub = img.add_subparsers(dest="image_command", required=True)
+    isub.add_parser("ls", help="list tagged images")
+    inspect = isub.add_parser("inspect", help="print an image's manifest, config and layers")
+    inspect.add_argument("ref")
+    rm = isub.add_parser("rm", help="remove tags (data goes at the next prune)")
+    rm.add_argument("ref", nargs="+")
+    isub.add_parser("prune", help="remove blobs and layers no tag reaches, and the build cache")
+    tag = isub.add_parser("tag", help="give an image another name")
+    tag.add_argument("source")
+    tag.add_argument("target")
+    build = isub.add_parser("build", help="build an image from a build file (Sandboxfile)")
+    build.add_argument("-f", "--file", help="build file (default: CONTEXT/Sandboxfile)")
+    build.add_argument("-t", "--tag", action="append", default=[], help="name the result")
+    build.add_argument("--no-cache", action="store_true", help="rebuild every layer")
+    build.add_argument("context", help="directory COPY reads from")
+
+
+def _out(text: str) -> None:
+    print(text, flush=True)
+
+
+def run_image(args: argparse.Namespace) -> int:
+    """Run one ``sandbox image`` subcommand."""
+    from .image.store import Store, short
+
+    store = Store()
+    command = args.image_command
+    if command == "ls":
+        refs = store.refs()
+        _out(f"{'NAME':<50} {'DIGEST':<14} {'LAYERS':>6} {'SIZE':>10}")
+        for name, digest in sorted(refs.items()):
+            try:
+                image = store.image(digest)
+            except ImageError:
+                _out(f"{name:<50} {short(digest):<14} {'?':>6} {'damaged':>10}")
+                continue
+            size = sum(d.size for d in image.manifest.layers)
+            _out(
+                f"{name:<50} {short(digest):<14} {len(image.manifest.layers):>6} "
+                f"{size / 1e6:>8.1f}MB"
+            )
+        return 0
+    if command == "inspect":
+        image = store.image(args.ref)
+        doc = {
+            "reference": args.ref,
+            "digest": image.digest,
+            "config_digest": image.config_digest,
+            "media_type": image.manifest.media_type,
+            "layers": [
+                {
+                    "digest": d.digest,
+                    "size": d.size,
+                    "diff_id": diff,
+                    "path": str(store.layer_path(diff)),
+                }
+                for d, diff in zip(image.manifest.layers, image.config.diff_ids, strict=True)
+            ],
+            "config": image.config.to_json(),
+            "tags": sorted(n for n, d in store.refs().items() if d == image.digest),
+        }
+        _out(json.dumps(doc, indent=2))
+        return 0
+    if command == "rm":
+        for ref in args.ref:
+            _out(f"untagged {store.untag(ref)}")
+        return 0
+    if command == "prune":
+        blobs, layers, freed = store.prune()
+        _out(f"removed {blobs} blobs and {layers} layers, {freed / 1e6:.1f} MB freed")
+        return 0
+    if command == "tag":
+        image = store.image(args.source)
+        _out(f"tagged {store.tag(args.target, image.digest)}")
+        return 0
+    if command == "build":
+        from .image.build import DEFAULT_FILE, Builder
+
+        context = Path(args.context)
+        buildfile = Path(args.file) if args.file else context / DEFAULT_FILE
+        builder = Builder(
+            store,
+            lambda line: print(line, file=sys.stderr, flush=True),
+            use_cache=not args.no_cache,
+        )
+        image = builder.build(buildfile, context, args.tag)
+        _out(image.digest)
+        return 0
+    raise ImageError(f"unknown image command {command!r}")
