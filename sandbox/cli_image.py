@@ -29,6 +29,13 @@ def add_image_parser(sub: Any) -> None:
     build.add_argument("-t", "--tag", action="append", default=[], help="name the result")
     build.add_argument("--no-cache", action="store_true", help="rebuild every layer")
     build.add_argument("context", help="directory COPY reads from")
+    save = isub.add_parser("save", help="write images as an OCI layout or a docker archive")
+    save.add_argument("-o", "--output", required=True, help="directory, or FILE.tar")
+    save.add_argument("--format", choices=("oci", "docker"), default="oci")
+    save.add_argument("ref", nargs="+")
+    load = isub.add_parser("load", help="read images from an OCI layout or a docker archive")
+    load.add_argument("-i", "--input", required=True, help="layout directory or archive file")
+    load.add_argument("-t", "--tag", help="name the loaded image (one image only)")
 
 
 def _out(text: str) -> None:
@@ -102,4 +109,34 @@ def run_image(args: argparse.Namespace) -> int:
         image = builder.build(buildfile, context, args.tag)
         _out(image.digest)
         return 0
+    if command == "save":
+        from .image.archive import save_docker, save_oci
+
+        with store.using():
+            images = [(str(_tag_name(ref)), store.image(ref)) for ref in args.ref]
+            output = Path(args.output)
+            if args.format == "docker":
+                if output.suffix != ".tar":
+                    raise ImageError("a docker archive is a tar file: name it FILE.tar")
+                save_docker(images, store, output)
+            else:
+                save_oci(images, store, output)
+        _out(f"saved {len(images)} image(s) to {output}")
+        return 0
+    if command == "load":
+        from .image.archive import load
+
+        for image, tags in load(Path(args.input), store, args.tag):
+            _out(f"loaded {image.digest} {' '.join(tags)}".rstrip())
+        return 0
     raise ImageError(f"unknown image command {command!r}")
+
+
+def _tag_name(ref: str) -> str:
+    """The name an image is saved under: the reference with ``latest`` filled in."""
+    from .image.reference import parse_reference
+
+    if ref.startswith("sha256:"):
+        return "image:" + ref.split(":", 1)[1][:12]
+    parsed = parse_reference(ref)
+    return str(parsed.with_tag()) if not parsed.digest else f"{parsed.name}:latest"
