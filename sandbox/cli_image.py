@@ -36,6 +36,13 @@ def add_image_parser(sub: Any) -> None:
     load = isub.add_parser("load", help="read images from an OCI layout or a docker archive")
     load.add_argument("-i", "--input", required=True, help="layout directory or archive file")
     load.add_argument("-t", "--tag", help="name the loaded image (one image only)")
+    pull = isub.add_parser("pull", help="pull HOST[:PORT]/NAME[:TAG|@DIGEST] from a registry")
+    pull.add_argument("ref")
+    push = isub.add_parser("push", help="push a stored image to HOST[:PORT]/NAME[:TAG]")
+    push.add_argument("ref", help="the stored image")
+    push.add_argument("target", nargs="?", help="where to push (default: the same name)")
+    tags = isub.add_parser("tags", help="list a registry repository's tags")
+    tags.add_argument("repository", help="HOST[:PORT]/NAME")
 
 
 def _out(text: str) -> None:
@@ -128,6 +135,20 @@ def run_image(args: argparse.Namespace) -> int:
 
         for image, tags in load(Path(args.input), store, args.tag):
             _out(f"loaded {image.digest} {' '.join(tags)}".rstrip())
+        return 0
+    if command in ("pull", "push", "tags"):
+        from .image import registry
+
+        def progress(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        if command == "pull":
+            _out(registry.pull(args.ref, store, progress).digest)
+        elif command == "push":
+            _out(registry.push(args.ref, args.target or args.ref, store, progress))
+        else:
+            for tag in registry.list_tags(args.repository):
+                _out(tag)
         return 0
     raise ImageError(f"unknown image command {command!r}")
 
