@@ -378,8 +378,14 @@ def _copy_host(path: str, stage: str, where: str) -> list[str]:
     target = stage + path
     os.makedirs(os.path.dirname(target), exist_ok=True)
     if stat.S_ISLNK(st.st_mode):
-        if not os.path.lexists(target):
-            os.symlink(os.readlink(path), target)
+        if os.path.lexists(target):
+            return []
+        os.symlink(os.readlink(path), target)
+        # A link to a file (libstdc++.so -> libstdc++.so.6) brings the file; a link to a
+        # directory does not bring the directory's whole tree.
+        real = os.path.realpath(path)
+        if os.path.isfile(real) and not os.path.lexists(stage + real):
+            return _stage_host_path(real, stage, [], where)
         return []
     if stat.S_ISDIR(st.st_mode):
         os.makedirs(target, exist_ok=True)
