@@ -62,7 +62,7 @@ class TokenService:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 service_self.requests += 1
                 expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
                 if self.headers.get("Authorization") != expected:
@@ -119,7 +119,8 @@ class Registry:
             htpasswd = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], check=True,
                                       capture_output=True).stdout
             (directory / "htpasswd").write_bytes(htpasswd)
-            config.append(f"auth:\n  htpasswd:\n    realm: test\n    path: {directory / 'htpasswd'}")
+            path = directory / "htpasswd"
+            config.append(f"auth:\n  htpasswd:\n    realm: test\n    path: {path}")
         elif auth == "token":
             self.tokens = TokenService(directory, "sandbox-test-issuer", "sandbox-test-registry")
             config.append(
@@ -138,7 +139,7 @@ class Registry:
         deadline = time.monotonic() + 30
         while True:
             try:
-                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2)  # noqa: S310
+                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2)
                 break
             except urllib.error.HTTPError:
                 break  # 401: up, and asking for auth

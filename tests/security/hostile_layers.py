@@ -12,7 +12,6 @@ import io
 import tarfile
 from dataclasses import dataclass, field
 
-
 UP = "../" * 40  # climbs to / from any target
 
 

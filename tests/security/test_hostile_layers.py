@@ -6,6 +6,7 @@ filter, so the inputs are real attacks and a passing test is not an accident.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
@@ -53,11 +54,9 @@ def test_the_attack_escapes_a_naive_extractor(case, tmp_path):
     target = tmp_path / "deep" / "er" / "still" / "naive"
     target.mkdir(parents=True)
     data = build_tar(case.members, str(outside))
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        try:
-            tar.extractall(target, filter="fully_trusted")
-        except OSError:
-            pass
+    # the control may stop half-way (OSError): whatever it wrote before that counts
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar, contextlib.suppress(OSError):
+        tar.extractall(target, filter="fully_trusted")
     assert (outside / "pwned").exists(), "the control shows no escape: the case tests nothing"
 
 
@@ -85,7 +84,7 @@ def test_hostile_layer_is_refused_or_contained(case, arena):
 
 
 def test_setuid_bits_are_dropped_and_opaque_dirs_marked(arena):
-    target, outside = arena
+    target, _ = arena
     case = {c.name: c for c in CASES}
     extract_layer(io.BytesIO(build_tar(case["setuid-file"].members, "")), str(target), Budget())
     assert stat.S_IMODE(os.lstat(target / "suid").st_mode) == 0o755
