@@ -28,6 +28,9 @@ def add_image_parser(sub: Any) -> None:
     build.add_argument("-f", "--file", help="build file (default: CONTEXT/Sandboxfile)")
     build.add_argument("-t", "--tag", action="append", default=[], help="name the result")
     build.add_argument("--no-cache", action="store_true", help="rebuild every layer")
+    build.add_argument(
+        "--run-profile", default="build", help="profile of RUN steps (default: build)"
+    )
     build.add_argument("context", help="directory COPY reads from")
     save = isub.add_parser("save", help="write images as an OCI layout or a docker archive")
     save.add_argument("-o", "--output", required=True, help="directory, or FILE.tar")
@@ -112,6 +115,7 @@ def run_image(args: argparse.Namespace) -> int:
             store,
             lambda line: print(line, file=sys.stderr, flush=True),
             use_cache=not args.no_cache,
+            run_profile=args.run_profile,
         )
         image = builder.build(buildfile, context, args.tag)
         _out(image.digest)

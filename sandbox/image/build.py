@@ -96,10 +96,13 @@ def tree_digest(root: str) -> str:
 class Builder:
     """Builds one build file; ``progress`` receives one line per step."""
 
-    def __init__(self, store: Store, progress: Progress, use_cache: bool = True) -> None:
+    def __init__(
+        self, store: Store, progress: Progress, use_cache: bool = True, run_profile: str = "build"
+    ) -> None:
         self.store = store
         self.progress = progress
         self.use_cache = use_cache
+        self.run_profile = run_profile
 
     def build(self, buildfile: Path, context: Path, tags: list[str]) -> Image:
         """Build, store and tag the image; returns it."""
@@ -239,7 +242,7 @@ class Builder:
             os.chmod(d, 0o755)  # noqa: S103 - boxes must traverse their layers
             if os.geteuid() == 0:
                 os.chown(d, *owner)
-        profile = load_profile("build")
+        profile = load_profile(self.run_profile)
         profile = replace(profile, uid=0, gid=0)
         layers = tuple(str(self.store.layer_path(d)) for _, d in reversed(state.layers))
         env = {"PATH": DEFAULT_PATH, "HOME": "/root"} | state.env

@@ -78,3 +78,28 @@ def test_rootless_forbidden_syscall_and_wall_limit(as_nobody):
     assert forbidden.returncode == 128 + 31
     slow = run("exec", "--profile", str(profile), "--wall-time", "0.3", "--", "sleep", "5")
     assert slow.returncode == 137
+
+
+def test_rootless_image_build_and_run(as_nobody):
+    """Layers unpacked without root (whiteouts as 0/0 devices, opaque dirs as user xattrs),
+    a RUN step in a rootless box, and a run on the result."""
+    run, profile = as_nobody
+    home = profile.parent
+    build_profile = home / "rootless-build.toml"
+    build_profile.write_text('extends = "build"\n[limits]\nfallback = "rlimit"\n')
+    context = home / "ctx"
+    context.mkdir()
+    (context / "f").write_text("copied\n")
+    (context / "Sandboxfile").write_text(
+        "FROM scratch\nBUNDLE /bin/sh /usr/bin/cat /usr/bin/rm /usr/bin/mkdir\nCOPY f /data/f\n"
+        "RUN mkdir /made && echo by-run > /made/x && rm /usr/bin/rm\n"
+        'CMD ["/bin/sh", "-c", "cat /data/f /made/x; test -e /usr/bin/rm || echo no-rm"]\n')
+    os.chown(context, NOBODY, NOBODY)
+    built = run("image", "build", "--run-profile", str(build_profile), "-t", "rootless/img",
+                str(context))
+    assert built.returncode == 0, built.stderr
+    result = run("exec", "--profile", str(profile), "--image", "rootless/img")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"copied\nby-run\nno-rm\n"
+    layers = list((home / "state" / "images" / "layers").iterdir())
+    assert layers and all(p.stat().st_uid == NOBODY for p in layers)
