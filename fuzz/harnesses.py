@@ -1,21 +1,31 @@
-"""Fuzz targets for every parser of untrusted or user-written input that exists today.
+"""Fuzz targets for every parser of untrusted or user-written input.
 
 Each target takes bytes and may only fail with the project's documented exceptions
 (``ConfigError`` for files and requests, ``ProtocolError`` for box messages, ``ValueError`` for
-the unit parsers); anything else is a finding. ``fuzz/fuzz.py`` runs them under atheris and
+the unit parsers, ``ImageError`` for build files, layers, OCI documents and registry answers);
+anything else is a finding. ``fuzz/fuzz.py`` runs them under atheris and
 ``tests/unit/test_fuzz_corpus.py`` replays ``fuzz/corpus/<target>/`` on every test run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
+import os
+import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from sandbox import protocol
-from sandbox.errors import ConfigError
+from sandbox.errors import ConfigError, ImageError
 from sandbox.group import load_group
+from sandbox.image import oci, registry
+from sandbox.image.buildfile import parse_buildfile
+from sandbox.image.extract import extract_layer
+from sandbox.image.tarstream import Budget
 from sandbox.meta import render_meta
 from sandbox.policy import load_policy
 from sandbox.profiles import load_profile
@@ -98,7 +108,98 @@ def meta(data: bytes) -> None:
         raise AssertionError(f"meta file does not parse back: {lines}")
 
 
+def buildfile(data: bytes) -> None:
+    """A build file (Sandboxfile)."""
+    with contextlib.suppress(ImageError):
+        parse_buildfile(data, "Sandboxfile")
+
+
+_SECRET = b"outside-secret-6d1f"
+_LAYER_BUDGET = Budget(max_bytes=32 << 20, max_entries=5000, ratio_after=1 << 20)
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int, int, int]]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            out[os.path.join(dirpath, name)] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino)
+    return out
+
+
+def layer(data: bytes) -> None:
+    """A layer tar (plain or gzip). Invariant: nothing outside the target dir is created,
+    changed or read (a secret beside it never shows up inside), no device node but overlay
+    whiteouts and no setuid file is made."""
+    jail = Path(tempfile.mkdtemp(prefix="layer-", dir=_SCRATCH))
+    try:
+        (jail / "outside").mkdir()
+        (jail / "outside" / "secret").write_bytes(_SECRET)
+        os.symlink(jail / "outside" / "secret", jail / "outside" / "link")
+        target = jail / "a" / "b" / "target"
+        target.mkdir(parents=True)
+        inside = f"{target}/"
+        before = {k: v for k, v in _tree(jail).items() if k != str(target)}
+        with contextlib.suppress(ImageError):
+            extract_layer(io.BytesIO(data), str(target), _LAYER_BUDGET)
+        after = {
+            k: v for k, v in _tree(jail).items() if k != str(target) and not k.startswith(inside)
+        }
+        if after != before:
+            raise AssertionError("something outside the target changed")
+        for path, (mode, _, _, _) in _tree(target).items():
+            st = os.lstat(path)
+            if stat.S_ISBLK(mode) or (stat.S_ISCHR(mode) and st.st_rdev != 0):
+                raise AssertionError(f"a device node was made: {path}")
+            if mode & (stat.S_ISUID | stat.S_ISGID):
+                raise AssertionError(f"a setuid/setgid file was made: {path}")
+            if stat.S_ISREG(mode) and _SECRET in Path(path).read_bytes():
+                raise AssertionError(f"a file outside the target was read: {path}")
+    finally:
+        for dirpath, dirnames, _ in os.walk(jail):
+            for d in dirnames:
+                p = os.path.join(dirpath, d)
+                if not os.path.islink(p):
+                    os.chmod(p, 0o700)
+        shutil.rmtree(jail)
+
+
+def oci_document(data: bytes) -> None:
+    """Manifests, indexes and image configs; what parses must write back and parse the same."""
+    with contextlib.suppress(ImageError):
+        doc = oci.parse_manifest(data)
+        if isinstance(doc, oci.Manifest):
+            again = oci.parse_manifest(oci.manifest_json(doc.config, list(doc.layers),
+                                                         doc.media_type))
+            if again != doc:
+                raise AssertionError(f"manifest round trip changed {doc} into {again}")
+    with contextlib.suppress(ImageError):
+        config = oci.parse_config(data)
+        again_config = oci.parse_config(oci.canonical_json(config.to_json()))
+        if again_config != config:
+            raise AssertionError(f"config round trip changed {config} into {again_config}")
+
+
+def registry_answer(data: bytes) -> None:
+    """What a registry or token service sends: auth challenges, tokens, tag lists, errors."""
+    text = data.decode("utf-8", errors="replace")
+    with contextlib.suppress(ImageError):
+        registry.parse_challenge(text)
+    with contextlib.suppress(ImageError):
+        registry.parse_token(data)
+    with contextlib.suppress(ImageError):
+        registry.parse_tags(data)
+    detail = registry.error_detail(data)
+    if len(detail) > 300 or not detail.isprintable():
+        raise AssertionError(f"error detail not bounded and printable: {detail!r}")
+    json.dumps(detail)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
+    "buildfile": buildfile,
+    "layer": layer,
+    "oci": oci_document,
+    "registry": registry_answer,
     "profile": profile,
     "policy": policy,
     "group": group,

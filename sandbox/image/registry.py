@@ -261,16 +261,25 @@ def parse_token(data: bytes) -> str:
     return token
 
 
+def error_detail(data: bytes) -> str:
+    """``CODE message`` of a registry's error body (``{"errors": [...]}``), or empty."""
+    try:
+        first = json.loads(data)["errors"][0]
+        text = f"{first.get('code', '')} {first.get('message', '')}".strip()
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
+        return ""
+    return "".join(c if c.isprintable() else "?" for c in text)[:300]
+
+
 def registry_error(response: _Response, what: str) -> ImageError:
     """An ImageError with the registry's own error code and message when it sent one."""
-    detail = ""
     try:
-        doc = json.loads(response.read_json_bytes(64 << 10))
-        first = doc["errors"][0]
-        detail = f": {first.get('code', '')} {first.get('message', '')}".rstrip()
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError, ImageError):
-        pass
-    return ImageError(f"registry: {what} failed with HTTP {response.status}{detail[:300]}")
+        detail = error_detail(response.read_json_bytes(64 << 10))
+    except ImageError:
+        detail = ""
+    return ImageError(
+        f"registry: {what} failed with HTTP {response.status}" + (f": {detail}" if detail else "")
+    )
 
 
 def _remote(reference: str) -> Reference:
