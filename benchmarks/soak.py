@@ -3,10 +3,12 @@
     .venv/bin/python benchmarks/soak.py [RUNS]     (default 10000)
 
 The mix: ok, runtime error, CPU limit, wall limit, memory limit, output flood, fork bomb,
-forbidden syscall, and a linked group (as root). Afterwards it checks, against a snapshot taken
-after warm-up: box cgroups, mounts, sandbox network namespaces, box processes, this process's
-open descriptors and its helper's, entries in /tmp and in the state dir, and this process's
-memory (RSS). Exits 1 if anything leaked or a verdict was not the expected one.
+forbidden syscall, runs on an image (read-only root, and a writable root filled past its size),
+and a linked group (as root). Afterwards it checks, against a snapshot taken after warm-up: box
+cgroups, mounts, sandbox network namespaces, box processes, this process's open descriptors
+and its helper's (store locks included), entries in /tmp and in the state dir (the image
+store's staging included), and this process's memory (RSS). Exits 1 if anything leaked or
+a verdict was not the expected one.
 """
 
 from __future__ import annotations
@@ -39,7 +41,22 @@ MIX = [
      Verdict.WALL_TIME_LIMIT),
     (["python3", "-c", "import ctypes; ctypes.CDLL(None).unshare(0x20000)"], {},
      Verdict.FORBIDDEN_SYSCALL),
+    (["cat", "/data/f"], {"image": "soak/image"}, Verdict.OK),
+    (["sh", "-c", "echo x > /new && cat /dev/zero > /fill"],
+     {"image": "soak/image", "root_size": "1M"}, Verdict.RUNTIME_ERROR),
 ]
+
+
+def build_image(directory: Path) -> None:
+    """A small image from the host: a shell, cat, and one file."""
+    from sandbox.image.build import Builder
+    from sandbox.image.store import Store
+
+    (directory / "f").write_text("image data\n")
+    (directory / "Sandboxfile").write_text(
+        "FROM scratch\nBUNDLE /bin/sh /usr/bin/cat\nCOPY f /data/f\nENV PATH=/usr/bin:/bin\n")
+    Builder(Store(), lambda line: None).build(directory / "Sandboxfile", directory,
+                                               ["soak/image"])
 
 
 LOCKS = ("ids", "subnets")  # one file per slot ever used at once: grows with concurrency only
@@ -96,6 +113,7 @@ def main() -> int:
     linked = os.geteuid() == 0
     with tempfile.TemporaryDirectory() as tmp:
         group = group_file(Path(tmp))
+        build_image(Path(tmp))
         for argv, limits, _ in MIX:  # warm-up: helper, base layer, filters, subnet locks
             sandbox.run(argv, **limits)
         if linked:

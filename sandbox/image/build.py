@@ -22,12 +22,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import ImageError
 from ..userns import image_owner
 from . import elf
 from .buildfile import Instruction, parse_buildfile
-from .layerwriter import write_layer
+from .layerwriter import WrittenLayer, write_layer
 from .oci import (
     OCI_CONFIG,
     OCI_LAYER_GZIP,
@@ -197,11 +198,14 @@ class Builder:
         build_dir = tempfile.mkdtemp(dir=self.store.root / "tmp", prefix="build-")
         try:
             source = make(build_dir)
-            fd, tmp = tempfile.mkstemp(dir=self.store.root / "tmp", prefix="blob-")
-            with os.fdopen(fd, "wb") as out:
-                written = write_layer(source, out, upper=upper)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.store.blob_path(written.digest))
+            layers: list[WrittenLayer] = []
+
+            def write(out: BinaryIO) -> str:
+                layers.append(write_layer(source, out, upper=upper))
+                return layers[0].digest
+
+            self.store.write_blob(write)
+            written = layers[0]
         finally:
             _remove_tree(Path(build_dir))
         descriptor = Descriptor(OCI_LAYER_GZIP, written.digest, written.size)

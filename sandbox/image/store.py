@@ -21,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -101,48 +102,46 @@ class Store:
     def put_bytes(self, data: bytes) -> str:
         """Store ``data``; returns its digest."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        if not self.has_blob(digest):
-            self._publish_file(data, digest)
+        self.put_stream(io.BytesIO(data), digest, len(data))
         return digest
 
-    def _publish_file(self, data: bytes, digest: str) -> None:
+    def write_blob(self, write: Callable[[BinaryIO], str]) -> str:
+        """Store what ``write`` writes to the file it is given; ``write`` returns the digest
+        (and raises if the bytes are not what they should be, which discards them)."""
         fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix="blob-")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                digest = write(f)
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.blob_path(digest))
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        return digest
 
     def put_stream(self, source: BinaryIO, digest: str, size: int) -> None:
         """Store a blob read from ``source``, verifying size and digest while it streams."""
         check_digest(digest)
         if self.has_blob(digest):
             return
-        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix="blob-")
-        try:
+
+        def copy(out: BinaryIO) -> str:
             h = hashlib.sha256()
             written = 0
-            with os.fdopen(fd, "wb") as f:
-                while chunk := source.read(min(CHUNK, size - written + 1)):
-                    written += len(chunk)
-                    if written > size:
-                        raise ImageError(f"blob {digest} is larger than its {size} bytes")
-                    h.update(chunk)
-                    f.write(chunk)
+            while chunk := source.read(min(CHUNK, size - written + 1)):
+                written += len(chunk)
+                if written > size:
+                    raise ImageError(f"blob {digest} is larger than its {size} bytes")
+                h.update(chunk)
+                out.write(chunk)
             if written != size:
                 raise ImageError(f"blob {digest}: got {written} of its {size} bytes")
             if "sha256:" + h.hexdigest() != digest:
                 raise ImageError(f"blob {digest}: digest mismatch (got sha256:{h.hexdigest()})")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.blob_path(digest))
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            return digest
+
+        self.write_blob(copy)
 
     # -- layers ----------------------------------------------------------------------------
     def layer_path(self, diff_id: str) -> Path:
