@@ -44,6 +44,12 @@ def add_image_parser(sub: Any) -> None:
     push = isub.add_parser("push", help="push a stored image to HOST[:PORT]/NAME[:TAG]")
     push.add_argument("ref", help="the stored image")
     push.add_argument("target", nargs="?", help="where to push (default: the same name)")
+    push.add_argument(
+        "--format",
+        choices=("oci", "docker"),
+        default="oci",
+        help="manifest to push: as stored (OCI), or Docker schema 2",
+    )
     tags = isub.add_parser("tags", help="list a registry repository's tags")
     tags.add_argument("repository", help="HOST[:PORT]/NAME")
 
@@ -149,7 +155,11 @@ def run_image(args: argparse.Namespace) -> int:
         if command == "pull":
             _out(registry.pull(args.ref, store, progress).digest)
         elif command == "push":
-            _out(registry.push(args.ref, args.target or args.ref, store, progress))
+            _out(
+                registry.push(
+                    args.ref, args.target or args.ref, store, progress, args.format == "docker"
+                )
+            )
         else:
             for tag in registry.list_tags(args.repository):
                 _out(tag)

@@ -303,3 +303,20 @@ def manifest_json(
             "layers": [d.to_json() for d in layers],
         }
     )
+
+
+def docker_manifest(manifest: Manifest) -> bytes:
+    """The same image as a canonical Docker schema 2 manifest (same blobs, new digest).
+
+    Docker schema 2 has no uncompressed layer type, so only gzip layers convert.
+    """
+    layers = []
+    for layer in manifest.layers:
+        if layer.media_type not in (OCI_LAYER_GZIP, DOCKER_LAYER):
+            raise ImageError(
+                f"layer {layer.digest} is not gzip-compressed: Docker schema 2 cannot name it",
+                hint="push it as OCI (the default)",
+            )
+        layers.append(Descriptor(DOCKER_LAYER, layer.digest, layer.size))
+    config = Descriptor(DOCKER_CONFIG, manifest.config.digest, manifest.config.size)
+    return manifest_json(config, layers, DOCKER_MANIFEST)

@@ -33,6 +33,7 @@ from .oci import (
     OCI_MANIFEST,
     Index,
     digest_of,
+    docker_manifest,
     parse_manifest,
 )
 from .reference import Reference, parse_reference
@@ -349,8 +350,11 @@ def pull(reference: str, store: Store, progress: Progress) -> Image:
     return image
 
 
-def push(local: str, reference: str, store: Store, progress: Progress) -> str:
-    """Push the stored image ``local`` as ``reference``; returns the manifest digest."""
+def push(local: str, reference: str, store: Store, progress: Progress, docker: bool = False) -> str:
+    """Push the stored image ``local`` as ``reference``; returns the manifest digest.
+
+    ``docker``: push a Docker schema 2 manifest (for old clients) instead of the stored one.
+    """
     ref = _remote(reference)
     if ref.digest:
         raise ImageError("push to a tag, not to a digest")
@@ -389,11 +393,15 @@ def push(local: str, reference: str, store: Store, progress: Progress) -> str:
                 raise registry_error(done, f"uploading blob {descriptor.digest}")
             done.close()
         manifest = store.read_blob(image.digest, MAX_MANIFEST)
+        media_type, digest = image.manifest.media_type, image.digest
+        if docker:
+            manifest = docker_manifest(image.manifest)
+            media_type, digest = DOCKER_MANIFEST, store.put_bytes(manifest)
         put = client.request(
             "PUT",
             f"/v2/{ref.repository}/manifests/{ref.tag or 'latest'}",
             scope,
-            {"Content-Type": image.manifest.media_type},
+            {"Content-Type": media_type},
             manifest,
             len(manifest),
         )
@@ -401,9 +409,9 @@ def push(local: str, reference: str, store: Store, progress: Progress) -> str:
             raise registry_error(put, f"putting the manifest of {ref}")
         put.close()
         answered = put.headers.get("docker-content-digest")
-        if answered and answered != image.digest:
-            raise ImageError(f"registry: stored the manifest as {answered}, not {image.digest}")
-    return image.digest
+        if answered and answered != digest:
+            raise ImageError(f"registry: stored the manifest as {answered}, not {digest}")
+    return digest
 
 
 def list_tags(repository: str) -> list[str]:

@@ -148,3 +148,16 @@ def test_umoci_image_loads_and_runs(tmp_path):
 def test_an_unreachable_registry_is_a_clean_error():
     result = run_cli("image", "push", "test/reg:1", "127.0.0.1:9/x/y:1")
     assert result.returncode == 125 and b"cannot reach registry 127.0.0.1:9" in result.stderr
+
+
+def test_push_as_docker_schema_2(image, registry, tmp_path):
+    target = f"{registry.host}/judge/docker-format:1"
+    pushed = run_cli("image", "push", "--format", "docker", image, target, env=creds_env(registry))
+    assert pushed.returncode == 0, pushed.stderr
+    raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                          *skopeo_creds(registry), f"docker://{target}"],
+                         capture_output=True, check=True).stdout
+    assert json.loads(raw)["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    env = fresh_store(tmp_path, registry)
+    assert run_cli("image", "pull", target, env=env).returncode == 0
+    assert run_cli("exec", "--image", target, env=env).stdout.startswith(b"hello from the image")
