@@ -38,9 +38,11 @@ from .oci import (
 )
 from .reference import Reference, parse_reference
 from .store import Image, Store
+from .tarstream import Budget
 
 ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
 MAX_JSON = 4 << 20
+MAX_BLOB = Budget().max_bytes  # a compressed layer is never larger than its tar may be
 MAX_REDIRECTS = 5
 TIMEOUT = 60.0
 _PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,"]*)\s*(?:,|$)')
@@ -334,6 +336,8 @@ def pull(reference: str, store: Store, progress: Progress) -> Image:
         for descriptor in (doc.config, *doc.layers):
             if store.has_blob(descriptor.digest):
                 continue
+            if descriptor.size > MAX_BLOB:  # before a byte of it lands on the disk
+                raise ImageError(f"blob {descriptor.digest} claims {descriptor.size} bytes")
             progress(f"pulling {descriptor.digest[:19]} ({descriptor.size / 1e6:.1f} MB)")
             response = client.request(
                 "GET", f"/v2/{ref.repository}/blobs/{descriptor.digest}", scope
