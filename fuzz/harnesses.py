@@ -9,6 +9,7 @@ anything else is a finding. ``fuzz/fuzz.py`` runs them under atheris and
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
@@ -33,6 +34,7 @@ from sandbox.report import AppliedLimit, Report, Verdict
 from sandbox.units import parse_cpu_list, parse_duration, parse_size
 
 _SCRATCH = Path(tempfile.mkdtemp(prefix="sandbox-fuzz-"))
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
 
 
 def _as_file(data: bytes, name: str) -> Path:
