@@ -284,3 +284,27 @@ def test_prune_keeps_tagged_images_and_frees_the_rest(tmp_path):
     kept = sandbox.run(["cat", "/f"], image="test/prune:keep")
     assert kept.stdout == b"one"
 
+
+
+def test_an_image_cannot_redirect_the_box_mount_points(shell_image, tmp_path):
+    """An image whose /tmp, /proc, /dev and work dir are symlinks to host paths, and whose
+    files are setuid: the box still gets its own tmpfs, proc and dev, and no setuid bit."""
+    context = write_context(tmp_path, f"FROM {shell_image}\nCOPY links/ /\n"
+                                      "COPY --chmod=4755 suid /usr/bin/suid\n", {"suid": "x"})
+    links = context / "links"
+    links.mkdir()
+    for name, target in (("tmp", "/etc"), ("proc", "/"), ("dev", "/root"), ("box", "/var")):
+        (links / name).symlink_to(target)
+    build(context, "test/redirect")
+    inspect = json.loads(run_cli("image", "inspect", "test/redirect").stdout)
+    top = Path(inspect["layers"][-2]["path"])
+    assert os.readlink(top / "tmp") == "/etc"  # the attack is really in the image
+    report = sandbox.run(["/bin/sh", "-c",
+                          "ls /tmp | head -3; echo end; head -1 /proc/self/status; ls /dev;"
+                          " ls -l /usr/bin/suid"], image="test/redirect")
+    assert report.verdict == Verdict.OK, report.stderr
+    out = report.stdout.decode()
+    assert out.startswith("end\n")  # the box's empty tmpfs, not the host's /etc
+    assert "Name:\thead" in out  # a real proc
+    assert "full" in out and "null" in out  # the box's /dev
+    assert "-rwxr-xr-x" in out  # setuid dropped when the layer was unpacked
