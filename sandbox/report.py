@@ -64,6 +64,7 @@ class Report:
     setup_time: float = 0.0
     clamped: tuple[str, ...] = ()
     host: dict[str, str | int | None] = field(default_factory=dict)
+    image: str | None = None  # the manifest digest of the image the root was made of
     stdout: bytes | None = field(default=None, repr=False)
     stderr: bytes | None = field(default=None, repr=False)
 

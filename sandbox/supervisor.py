@@ -321,6 +321,7 @@ def _account(
         setup_time=round((run.exec_at or end) - run.started, 6),
         clamped=spec.clamped,
         host=host_facts(),
+        image=spec.image.digest if spec.image is not None and spec.image.digest else None,
         stdout=bytes(stdout.buffer) if isinstance(stdout, BufferSink) else None,
         stderr=bytes(stderr.buffer) if isinstance(stderr, BufferSink) else None,
     )

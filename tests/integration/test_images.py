@@ -97,6 +97,9 @@ def test_profile_image_key_and_api(shell_image, tmp_path):
     profile.write_text(f'extends = "strict"\nimage = "{shell_image}"\n')
     report = sandbox.run(["cat", "/data/greeting.txt"], profile=str(profile))
     assert report.verdict == Verdict.OK and report.stdout == b"hi\n"
+    digest = json.loads(run_cli("image", "inspect", shell_image).stdout)["digest"]
+    assert report.image == digest and json.loads(report.to_json())["image"] == digest
+    assert sandbox.run(["true"]).image is None
 
 
 def test_layer_cache_and_reproducible_digest(shell_image, tmp_path):
