@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import SANDBOX, run_cli
 from registry_server import PASSWORD, USER, Registry, missing_tools
 from test_images import SHELL_IMAGE, build, write_context
 
@@ -161,3 +161,17 @@ def test_push_as_docker_schema_2(image, registry, tmp_path):
     env = fresh_store(tmp_path, registry)
     assert run_cli("image", "pull", target, env=env).returncode == 0
     assert run_cli("exec", "--image", target, env=env).stdout.startswith(b"hello from the image")
+
+
+def test_two_pulls_at_once_into_one_store(image, registry, tmp_path):
+    target = f"{registry.host}/judge/parallel:1"
+    assert run_cli("image", "push", image, target, env=creds_env(registry)).returncode == 0
+    env = fresh_store(tmp_path, registry)
+    pulls = [subprocess.Popen([SANDBOX, "image", "pull", target], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in pulls]
+    assert all(p.returncode == 0 for p in pulls), [o[1] for o in outs]
+    assert len({o[0] for o in outs}) == 1
+    result = run_cli("exec", "--image", target, env=env)
+    assert result.stdout.startswith(b"hello from the image")
+    assert list((tmp_path / "store" / "images" / "tmp").iterdir()) == []
