@@ -311,3 +311,21 @@ def test_an_image_cannot_redirect_the_box_mount_points(shell_image, tmp_path):
     assert "Name:\thead" in out  # a real proc
     assert "full" in out and "null" in out  # the box's /dev
     assert "-rwxr-xr-x" in out  # setuid dropped when the layer was unpacked
+
+
+def test_prune_waits_for_a_run_that_uses_the_store(shell_image):
+    import time
+
+    reports: list[sandbox.Report] = []
+    runner = threading.Thread(target=lambda: reports.append(sandbox.run(
+        ["/bin/sh", "-c", "while :; do :; done"], image=shell_image, wall_time=1.5,
+        cpu_time=5)))
+    runner.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    pruned = run_cli("image", "prune")
+    waited = time.monotonic() - started
+    runner.join()
+    assert pruned.returncode == 0 and reports[0].verdict == Verdict.WALL_TIME_LIMIT
+    assert waited > 0.5, "prune did not wait for the run holding the store"
+    assert sandbox.run(["cat", "/made/by-run"], image=shell_image).stdout == b"built\n"
