@@ -43,12 +43,13 @@ _FORBIDDEN_XATTRS = ("trusted.", "security.", "user.overlay.")
 
 @dataclass(frozen=True)
 class Extracted:
-    """What an extraction read: the blob's digest and size and the tar's diff id."""
+    """What an extraction read: the blob's digest and size, the tar's diff id and size."""
 
     digest: str
     size: int
     diff_id: str
     entries: int
+    tar_size: int
 
 
 def split_path(path: str) -> tuple[str, ...]:
@@ -277,7 +278,7 @@ def extract_layer(
                 raise ImageError(f"layer: {entry.path[:200]}: {e.strerror}") from None
         extractor.finish_dirs()
         digest, size, diff_id = stream.finish()
-        return Extracted(digest, size, diff_id, reader.entries)
+        return Extracted(digest, size, diff_id, reader.entries, stream.tar_size)
     finally:
         extractor.close()
         os.close(root_fd)

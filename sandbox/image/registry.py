@@ -37,7 +37,7 @@ from .oci import (
     parse_manifest,
 )
 from .reference import Reference, parse_reference
-from .store import Image, Store
+from .store import MAX_IMAGE_BYTES, Image, Store
 from .tarstream import Budget
 
 ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
@@ -333,6 +333,8 @@ def pull(reference: str, store: Store, progress: Progress) -> Image:
             doc = parse_manifest(data, media_type or None)
             if isinstance(doc, Index):
                 raise ImageError("registry: an index inside an index is not supported")
+        if sum(d.size for d in doc.layers) > MAX_IMAGE_BYTES:
+            raise ImageError(f"image {ref}: its layers claim more than {MAX_IMAGE_BYTES} bytes")
         for descriptor in (doc.config, *doc.layers):
             if store.has_blob(descriptor.digest):
                 continue

@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,6 +40,7 @@ from .reference import Reference, check_digest, parse_reference
 from .tarstream import Budget
 
 CHUNK = 1 << 20
+MAX_IMAGE_BYTES = 16 << 30  # uncompressed, all layers of one image together
 
 
 @dataclass(frozen=True)
@@ -148,11 +149,14 @@ class Store:
         """Where the layer with ``diff_id`` is unpacked."""
         return self.root / "layers" / _hex(diff_id)
 
-    def unpack(self, layer: Descriptor, diff_id: str, budget: Budget | None = None) -> Path:
-        """Unpack the stored blob of ``layer`` (once: the result is shared) and check it."""
+    def unpack(self, layer: Descriptor, diff_id: str, budget: Budget | None = None) -> int:
+        """Unpack the stored blob of ``layer`` (once: the result is shared) and check it.
+
+        Returns the tar bytes unpacked now (0 when the layer was already there).
+        """
         target = self.layer_path(diff_id)
         if target.exists():
-            return target
+            return 0
         tmp = Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix="layer-"))
         owner = image_owner() if os.geteuid() == 0 else None
         try:
@@ -181,7 +185,7 @@ class Store:
         except BaseException:
             _remove_tree(tmp)
             raise
-        return target
+        return got.tar_size
 
     # -- references ------------------------------------------------------------------------
     def refs(self) -> dict[str, str]:
@@ -293,8 +297,13 @@ class Store:
         config = parse_config(config_bytes)
         if len(config.diff_ids) != len(doc.layers):
             raise ImageError("image config and manifest disagree on the number of layers")
+        budget = budget or Budget()
+        remaining = MAX_IMAGE_BYTES  # a whole image, not only each layer, has a budget
         for layer, diff_id in zip(doc.layers, config.diff_ids, strict=True):
-            self.unpack(layer, diff_id, budget)
+            if remaining <= 0:
+                raise ImageError(f"image: more than {MAX_IMAGE_BYTES} bytes unpacked")
+            layer_budget = replace(budget, max_bytes=min(budget.max_bytes, remaining))
+            remaining -= self.unpack(layer, diff_id, layer_budget)
         digest = self.put_bytes(manifest)
         return Image(digest, digest, doc, doc.config.digest, config)
 

@@ -150,3 +150,24 @@ def test_the_store_refuses_a_blob_that_does_not_match_its_digest(tmp_path):
         store.unpack(Descriptor(OCI_LAYER, digest_of(good), len(good)), digest_of(evil))
     assert not store.layer_path(digest_of(evil)).exists()
     assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_an_image_has_a_budget_for_all_its_layers_together(tmp_path, monkeypatch):
+    from sandbox.image import store as store_module
+    from sandbox.image.oci import OCI_CONFIG, canonical_json, manifest_json
+
+    store = Store(tmp_path / "store")
+    layers, diff_ids = [], []
+    for i in range(3):
+        tar = build_tar([Member(f"f{i}", data=bytes(3000))], "")
+        store.put_bytes(tar)
+        layers.append(Descriptor(OCI_LAYER, digest_of(tar), len(tar)))
+        diff_ids.append(digest_of(tar))
+    config = canonical_json({"architecture": "amd64", "os": "linux", "config": {},
+                             "rootfs": {"type": "layers", "diff_ids": diff_ids}})
+    manifest = manifest_json(Descriptor(OCI_CONFIG, store.put_bytes(config), len(config)), layers)
+    monkeypatch.setattr(store_module, "MAX_IMAGE_BYTES", 25_000)  # each tar is 10 KiB
+    with pytest.raises(ImageError, match="more than 4520 bytes"):  # the third layer's share
+        store.add_image(manifest)
+    monkeypatch.setattr(store_module, "MAX_IMAGE_BYTES", 31_000)
+    assert len(store.add_image(manifest).manifest.layers) == 3
