@@ -26,10 +26,23 @@ def run_event(report: Report) -> dict[str, Any]:
 
 
 def log_run(report: Report) -> None:
-    """Emit the one ``box_finished`` event of a run."""
+    """Emit the one ``box_finished`` event of a run.
+
+    To structlog when the application configured it (the CLI does); otherwise to the standard
+    ``logging`` logger ``sandbox`` at INFO (the event's fields in ``record.sandbox_event``), which
+    an application that configured nothing never sees: unconfigured structlog would print every
+    run to stdout, into a judge's own output.
+    """
     import structlog  # here, not at import: it costs the CLI 25 ms when logging is off
 
-    structlog.get_logger("sandbox").info("box_finished", **run_event(report))
+    event = run_event(report)
+    if structlog.is_configured():
+        structlog.get_logger("sandbox").info("box_finished", **event)
+        return
+    logger = logging.getLogger("sandbox")
+    if logger.isEnabledFor(logging.INFO):
+        fields = " ".join(f"{k}={v}" for k, v in event.items())
+        logger.info("box_finished %s", fields, extra={"sandbox_event": event})
 
 
 def configure(fmt: str, level: str) -> None:
