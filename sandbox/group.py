@@ -327,4 +327,8 @@ def _collect(group: GroupSpec, running: dict[str, tuple[int, int, int]]) -> Grou
             stopped = True
     if errors:
         raise errors[0]
+    # Supervisors finish in whatever order they are scheduled; the programs' own end instants
+    # (read in the boxes, one clock for all) say which really ended first.
+    arrival = {name: i for i, name in enumerate(order)}
+    order.sort(key=lambda n: (reports[n].ended_at or float("inf"), arrival[n]))
     return GroupReport(group.name, reports, order[0] if order else None, tuple(order))

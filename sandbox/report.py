@@ -65,6 +65,8 @@ class Report:
     clamped: tuple[str, ...] = ()
     host: dict[str, str | int | None] = field(default_factory=dict)
     image: str | None = None  # the manifest digest of the image the root was made of
+    #: CLOCK_MONOTONIC instant the program ended (or was stopped): orders a group's boxes.
+    ended_at: float | None = field(default=None, repr=False, compare=False)
     stdout: bytes | None = field(default=None, repr=False)
     stderr: bytes | None = field(default=None, repr=False)
 
@@ -94,7 +96,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (schema ``SCHEMA_VERSION``), without captured output."""
         data = asdict(self)
-        del data["stdout"], data["stderr"]
+        del data["stdout"], data["stderr"], data["ended_at"]
         data["verdict"] = self.verdict.value
         data["signal_name"] = self.signal_name
         data["schema"] = SCHEMA_VERSION

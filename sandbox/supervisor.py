@@ -322,6 +322,7 @@ def _account(
         clamped=spec.clamped,
         host=host_facts(),
         image=spec.image.digest if spec.image is not None and spec.image.digest else None,
+        ended_at=end,
         stdout=bytes(stdout.buffer) if isinstance(stdout, BufferSink) else None,
         stderr=bytes(stderr.buffer) if isinstance(stderr, BufferSink) else None,
     )
