@@ -63,7 +63,8 @@ def _fingerprint(hostname: str, uid: int, gid: int) -> str:
     return h.hexdigest()[:24]
 
 
-def _world_readable(st: os.stat_result) -> bool:
+def world_readable(st: os.stat_result) -> bool:
+    """Anyone may read it (and enter it, for a directory): not a secret."""
     return bool(st.st_mode & stat.S_IROTH) and (
         not stat.S_ISDIR(st.st_mode) or bool(st.st_mode & stat.S_IXOTH)
     )
@@ -75,7 +76,7 @@ def _copy_public(src: Path, dst: Path) -> None:
     if stat.S_ISLNK(st.st_mode):
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(os.readlink(src), dst)
-    elif not _world_readable(st):
+    elif not world_readable(st):
         return
     elif stat.S_ISREG(st.st_mode):
         dst.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -43,11 +44,10 @@ from .oci import (
     digest_of,
     manifest_json,
     parse_config,
-    parse_descriptor,
     parse_manifest,
 )
 from .reference import parse_reference
-from .store import Image, Store, _remove_tree
+from .store import Image, Store, remove_tree
 from .tarstream import Budget
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -113,7 +113,7 @@ def _opened(path: Path, store: Store) -> Iterator[_Dir]:
             extract_layer(f, staging, ARCHIVE_BUDGET)
         yield _Dir(staging)
     finally:
-        _remove_tree(Path(staging))
+        remove_tree(Path(staging))
 
 
 def _copy_blob(src: _Dir, relative: str, descriptor: Descriptor, store: Store) -> None:
@@ -215,8 +215,6 @@ def _store_docker_layer(src: _Dir, name: str, store: Store) -> Descriptor:
 
 
 def _file_digest(f: BinaryIO) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     while chunk := f.read(1 << 20):
         h.update(chunk)
@@ -348,4 +346,4 @@ def _atomic(output: Path) -> Iterator[BinaryIO]:
         raise
 
 
-__all__ = ["load", "parse_descriptor", "save_docker", "save_oci"]
+__all__ = ["load", "save_docker", "save_oci"]

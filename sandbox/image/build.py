@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
+from ..baseimage import world_readable
 from ..errors import ImageError
 from ..userns import image_owner
 from . import elf
@@ -37,7 +38,7 @@ from .oci import (
     canonical_json,
     manifest_json,
 )
-from .store import Image, Store, _remove_tree
+from .store import Image, Store, remove_tree
 
 DEFAULT_FILE = "Sandboxfile"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -207,7 +208,7 @@ class Builder:
             self.store.write_blob(write)
             written = layers[0]
         finally:
-            _remove_tree(Path(build_dir))
+            remove_tree(Path(build_dir))
         descriptor = Descriptor(OCI_LAYER_GZIP, written.digest, written.size)
         self.store.unpack(descriptor, written.diff_id)
         state.layers.append((descriptor, written.diff_id))
@@ -323,10 +324,6 @@ def _copy_tree(source: Path, target: Path, mode: int | None) -> None:
             _copy_one(Path(dirpath) / name, target / rel / name, mode)
 
 
-def _world_readable(st: os.stat_result) -> bool:
-    return bool(st.st_mode & stat.S_IROTH)
-
-
 def bundle(ins: Instruction, stage: str, where: str) -> None:
     """Stage ``BUNDLE``: host paths (and their symlink chains) plus their library closure."""
     excludes = ins.option("exclude")
@@ -399,7 +396,7 @@ def _copy_host(path: str, stage: str, where: str) -> list[str]:
         return []
     if not stat.S_ISREG(st.st_mode):
         return []
-    if not _world_readable(st):
+    if not world_readable(st):
         raise ImageError(
             f"{where}: BUNDLE: {path} is not world-readable: refusing to put a secret in an image"
         )

@@ -35,7 +35,16 @@ from ..errors import ImageError
 from ..state import ensure_dir, state_dir
 from ..userns import image_owner
 from .extract import extract_layer
-from .oci import Descriptor, ImageConfig, Index, Manifest, parse_config, parse_manifest
+from .oci import (
+    MAX_CONFIG,
+    MAX_MANIFEST,
+    Descriptor,
+    ImageConfig,
+    Index,
+    Manifest,
+    parse_config,
+    parse_manifest,
+)
 from .reference import Reference, check_digest, parse_reference
 from .tarstream import Budget
 
@@ -183,7 +192,7 @@ class Store:
                     raise
                 shutil.rmtree(tmp)
         except BaseException:
-            _remove_tree(tmp)
+            remove_tree(tmp)
             raise
         return got.tar_size
 
@@ -236,8 +245,6 @@ class Store:
     # -- images ----------------------------------------------------------------------------
     def read_manifest(self, digest: str) -> Manifest:
         """The stored image manifest ``digest`` (an index is not an image)."""
-        from .oci import MAX_MANIFEST
-
         doc = parse_manifest(self.read_blob(digest, MAX_MANIFEST))
         if isinstance(doc, Index):
             raise ImageError(f"{digest} is an index, not an image manifest")
@@ -245,8 +252,6 @@ class Store:
 
     def image(self, reference: str) -> Image:
         """Look up a tag, ``NAME@sha256:...`` or a bare manifest digest."""
-        from .oci import MAX_CONFIG
-
         if reference.startswith("sha256:"):
             digest = check_digest(reference)
         else:
@@ -284,8 +289,6 @@ class Store:
 
     def add_image(self, manifest: bytes, budget: Budget | None = None) -> Image:
         """Register a manifest whose config and layer blobs are stored; unpack its layers."""
-        from .oci import MAX_CONFIG
-
         doc = parse_manifest(manifest)
         if isinstance(doc, Index):
             raise ImageError("expected an image manifest, got an index")
@@ -330,12 +333,12 @@ class Store:
             for entry in (self.root / "layers").iterdir():
                 if f"sha256:{entry.name}" not in keep_layers:
                     freed += _tree_size(entry)
-                    _remove_tree(entry)
+                    remove_tree(entry)
                     layers += 1
             for entry in (self.root / "cache").iterdir():
                 entry.unlink()
             for entry in (self.root / "tmp").iterdir():  # left by writers that died
-                _remove_tree(entry)
+                remove_tree(entry)
             return blobs, layers, freed
 
 
@@ -348,7 +351,7 @@ def _tree_size(path: Path) -> int:
     return total
 
 
-def _remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     """Remove a tree even where a layer made directories read-only."""
     if path.is_dir() and not path.is_symlink():
         for dirpath, dirnames, _ in os.walk(path):

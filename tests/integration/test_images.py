@@ -136,8 +136,7 @@ def test_shipped_images_build_and_run(shipped_images, tmp_path):
     inspect = json.loads(run_cli("image", "inspect", shipped_images["c-runtime"]).stdout)
     layer = Path(inspect["layers"][0]["path"])
     files = sorted(p.name for p in layer.rglob("*") if p.is_file())
-    assert files == ["ld-linux-x86-64.so.2", "libc.so.6", "libgcc_s.so.1", "libm.so.6",
-                     "libstdc++.so.6.0.30"] or all(
+    assert all(
         f.startswith(("ld-linux", "libc.so", "libgcc_s", "libm.so", "libstdc++")) for f in files)
     no_shell = sandbox.run(["/bin/sh", "-c", "true"], image=shipped_images["c-runtime"])
     assert no_shell.verdict == Verdict.SANDBOX_ERROR or no_shell.exit_code == 127
