@@ -57,6 +57,8 @@ class ChildPlan:
     uid: int
     gid: int
     drop_groups: bool  # root: shed supplementary groups before the user namespace exists
+    creator_uid: int | None  # root: the box's host uid, effective when the user ns is made
+    counter_limits: tuple[tuple[int, int], ...]  # rlimits on per-user counters, set before it
     root: RootPlan
     rlimits: tuple[tuple[int, int], ...]
     stdio: tuple[int, int, int]
@@ -94,7 +96,15 @@ def die_with_supervisor(k: KernelOps, plan: ChildPlan) -> None:
 
 def isolate_fds(k: KernelOps, plan: ChildPlan) -> None:
     """Keep only what the box needs: the caller's other fds must never reach it."""
-    k.close_fds_except((*plan.stdio, plan.sync.fileno(), *plan.root_ready, *plan.cgroup_entry))
+    k.close_fds_except(
+        (
+            *plan.stdio,
+            plan.sync.fileno(),
+            *plan.root_ready,
+            *plan.cgroup_entry,
+            *plan.root.descriptors(),
+        )
+    )
 
 
 def drop_groups(k: KernelOps, plan: ChildPlan) -> None:
@@ -104,6 +114,34 @@ def drop_groups(k: KernelOps, plan: ChildPlan) -> None:
     """
     if plan.drop_groups:
         k.setgroups([])
+
+
+def become_box_owner(k: KernelOps, plan: ChildPlan) -> None:
+    """As root: make the box's host uid the effective uid, so it creates the user namespace.
+
+    The kernel charges per-user counters (pending signals, POSIX message-queue bytes, inotify
+    instances and watches, processes) up the namespace chain to the uid that created each user
+    namespace (user_namespaces(7); kernel/ucount.c): created as root, one box could exhaust
+    root's. The real and saved uids stay 0, so the program (uid = the box's host uid) can
+    neither signal nor prlimit this process or the box's init (kill(2), prlimit(2)). Nothing
+    after this opens a host path by name: the root is made of the supervisor's detached mount
+    trees. The credential change clears the parent-death signal (prctl(2)): set it again.
+    """
+    if plan.creator_uid is None:
+        return
+    k.seteuid(plan.creator_uid)
+    die_with_supervisor(k, plan)
+
+
+def bound_counters(k: KernelOps, plan: ChildPlan) -> None:
+    """Per-box bounds on per-user counters, before the user namespace snapshots them.
+
+    A new user namespace records its creator's RLIMIT_SIGPENDING and RLIMIT_MSGQUEUE as the
+    most its tasks may charge to the creator (kernel/ucount.c, ``inc_rlimit_ucounts``); the
+    program inherits the same values as its own limits.
+    """
+    for which, value in plan.counter_limits:
+        k.setrlimit(which, value)
 
 
 def unshare_namespaces(k: KernelOps, plan: ChildPlan) -> None:
@@ -121,6 +159,8 @@ SETUP_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (
     die_with_supervisor,
     isolate_fds,
     drop_groups,
+    bound_counters,
+    become_box_owner,
     unshare_namespaces,
     await_id_maps,
 )

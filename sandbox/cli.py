@@ -9,13 +9,11 @@ error.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 
 from .errors import EXIT_SANDBOX_ERROR, SandboxError
 from .spec import LIMIT_NAMES
@@ -128,48 +126,65 @@ def _attributes(args: argparse.Namespace) -> dict[str, str]:
     return {a: getattr(args, a) for a in ("purpose", "language", "tenant") if getattr(args, a)}
 
 
-def _write_atomically(path: str, text: str) -> None:
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(target)
+class _RunFiles:
+    """The files of one ``exec``: ``--stdin`` opened and every output file created (checked,
+    never through a symlink) before the program runs, so a bad path costs no run; outputs are
+    renamed into place at the end (see :mod:`sandbox.hostpath`)."""
 
+    def __init__(self, args: argparse.Namespace, names: tuple[str, ...]) -> None:
+        from .hostpath import OutputFile, open_input
 
-@contextlib.contextmanager
-def _stdio(args: argparse.Namespace) -> Iterator[tuple[int, int, int]]:
-    """The program's stdin/stdout/stderr: the CLI's own, or the files given."""
-    from .errors import ConfigError
+        self.outputs: dict[str, OutputFile] = {}
+        self.stdin = 0
+        try:
+            if getattr(args, "stdin", None) is not None:
+                self.stdin = open_input(args.stdin, "--stdin")
+            for name in names:
+                path = getattr(args, name, None)
+                if path is not None:
+                    self.outputs[name] = OutputFile(path, f"--{name}")
+        except BaseException:
+            self.close()
+            raise
 
-    opened: list[int] = []
-    fds = [0, 1, 2]
-    try:
-        for index, (name, flags) in enumerate(
-            (
-                ("stdin", os.O_RDONLY),
-                ("stdout", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-                ("stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-            )
-        ):
-            path = getattr(args, name)
-            if path is not None:
-                try:
-                    fds[index] = os.open(path, flags | os.O_CLOEXEC, 0o644)
-                except OSError as e:
-                    raise ConfigError(
-                        "command line", f"--{name}", f"cannot open {path}: {e.strerror}"
-                    ) from None
-                opened.append(fds[index])
-        yield fds[0], fds[1], fds[2]
-    finally:
-        for fd in opened:
-            os.close(fd)
+    def fd(self, name: str, default: int) -> int:
+        output = self.outputs.get(name)
+        return output.fd if output is not None else default
+
+    def finish(self, texts: dict[str, str]) -> bool:
+        """Write ``texts`` to their files and rename every output into place; a file that
+        cannot be written is reported on stderr, with a report's text so it is not lost.
+        Returns False if any failed."""
+        ok = True
+        for name, output in self.outputs.items():
+            try:
+                if name in texts:
+                    output.write(texts[name].encode())
+                output.commit()
+            except OSError as e:
+                ok = False
+                print(f"sandbox: error: cannot write {output.path}: {e.strerror}", file=sys.stderr)
+                if name in texts:
+                    print(f"sandbox: the {name} follows\n{texts[name]}", file=sys.stderr, end="")
+        self.outputs = {}
+        return ok
+
+    def close(self) -> None:
+        """Remove what was not finished (the run failed before it had a result)."""
+        for output in self.outputs.values():
+            output.discard()
+        self.outputs = {}
+        if self.stdin != 0:
+            os.close(self.stdin)
+            self.stdin = 0
 
 
 def _exec(args: argparse.Namespace) -> int:
     from . import logs
     from .errors import ConfigError
     from .request import Request, parse_bind, resolve
-    from .supervisor import FdSink, run_box
+    from .streams import FdSink
+    from .supervisor import run_box
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd and args.image is None:
@@ -199,19 +214,21 @@ def _exec(args: argparse.Namespace) -> int:
     spec = resolve(request)
     for note in spec.clamped:
         print(f"sandbox: clamped by policy: {note}", file=sys.stderr)
-    with _stdio(args) as (stdin_fd, stdout_fd, stderr_fd):
-        report = run_box(spec, stdin_fd, FdSink(stdout_fd), FdSink(stderr_fd))
-    if args.log_level in ("debug", "info"):  # below that the event would be filtered anyway
-        logs.log_run(report)
-    if args.report:
-        _write_atomically(args.report, report.to_json())
-    if args.meta:
+    files = _RunFiles(args, ("stdout", "stderr", "report", "meta"))
+    try:
+        report = run_box(
+            spec, files.stdin, FdSink(files.fd("stdout", 1)), FdSink(files.fd("stderr", 2))
+        )
+        if args.log_level in ("debug", "info"):  # below that the event would be filtered
+            logs.log_run(report)
         from .meta import render_meta
 
-        _write_atomically(args.meta, render_meta(report))
+        written = files.finish({"report": report.to_json(), "meta": render_meta(report)})
+    finally:
+        files.close()
     if report.error:
         print(f"sandbox: {report.error}", file=sys.stderr)
-    return report.cli_exit_code()
+    return report.cli_exit_code() if written else EXIT_SANDBOX_ERROR
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -273,9 +290,12 @@ def _group(args: argparse.Namespace) -> int:
     if args.action == "check":
         print(f"{group.source}: ok ({len(group.boxes)} boxes, network {group.network.value})")
         return 0
-    report = run_group(group)
-    if args.report:
-        _write_atomically(args.report, report.to_json())
+    files = _RunFiles(args, ("report",))
+    try:
+        report = run_group(group)
+        written = files.finish({"report": report.to_json()})
+    finally:
+        files.close()
     for name in report.order:
         box = report.reports[name]
         code = box.exit_code if box.exit_code is not None else box.signal_name
@@ -284,6 +304,8 @@ def _group(args: argparse.Namespace) -> int:
             f"wall {box.wall_time:.3f}s)",
             file=sys.stderr,
         )
+    if not written:
+        return EXIT_SANDBOX_ERROR
     return 0 if report.ok else 1
 
 

@@ -25,7 +25,10 @@ _libc.syscall.restype = ctypes.c_long
 # x86_64 syscall numbers for calls glibc 2.36 does not wrap.
 SYS_PIVOT_ROOT = 155
 SYS_SECCOMP = 317
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
 SYS_CLOSE_RANGE = 436
+SYS_OPENAT2 = 437
 SYS_MOUNT_SETATTR = 442
 
 # sched.h: namespace flags (os.CLONE_* only exists from Python 3.12).
@@ -47,7 +50,16 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 0x1
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+# openat2(2): resolve flags.
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
@@ -83,6 +95,40 @@ class _MountAttr(ctypes.Structure):
     )
 
 
+class _OpenHow(ctypes.Structure):
+    _fields_ = (
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    )
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2) (Linux 5.6+): open ``path`` under ``dirfd`` with ``RESOLVE_*`` rules.
+
+    Host-side code opens every path a box could have influenced through this (see
+    :mod:`sandbox.hostpath`); it is a plain function because it runs in the supervisor, not in
+    the child's recorded phases.
+    """
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    return _check(
+        _libc.syscall(SYS_OPENAT2, dirfd, path.encode(), ctypes.byref(how), ctypes.sizeof(how)),
+        path,
+    )
+
+
+def clone_tree(fd: int) -> int:
+    """A detached copy of the mount tree at ``fd`` (``open_tree(OPEN_TREE_CLONE)``, 5.2+).
+
+    It needs CAP_SYS_ADMIN where ``fd``'s mount lives, so only root's supervisor makes them; a
+    box's init attaches them with :meth:`Kernel.attach_tree` inside its own mount namespace,
+    which a bind from a path opened before ``unshare`` cannot do (the kernel refuses a bind
+    whose source mount belongs to another namespace).
+    """
+    flags = OPEN_TREE_CLONE | AT_RECURSIVE | AT_EMPTY_PATH | os.O_CLOEXEC
+    return _check(_libc.syscall(SYS_OPEN_TREE, fd, b"", flags), "open_tree")
+
+
 class _SockFprog(ctypes.Structure):
     _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
 
@@ -112,6 +158,7 @@ class KernelOps(Protocol):
     def setgroups(self, groups: list[int]) -> None: ...
     def setresgid(self, gid: int) -> None: ...
     def setresuid(self, uid: int) -> None: ...
+    def seteuid(self, uid: int) -> None: ...
     def unshare(self, flags: int) -> None: ...
     def set_fsids(self, uid: int, gid: int) -> None: ...
     def join_cgroup(self, entry_fd: int) -> None: ...
@@ -126,6 +173,7 @@ class KernelOps(Protocol):
         data: str | None = None,
     ) -> None: ...
     def mount_setattr(self, path: str, attr_set: int, *, recursive: bool) -> None: ...
+    def attach_tree(self, tree_fd: int, target: str) -> None: ...
     def pivot_root(self, new_root: str, put_old: str) -> None: ...
     def umount2(self, target: str, flags: int) -> None: ...
     def sethostname(self, name: str) -> None: ...
@@ -153,6 +201,9 @@ class Kernel:
 
     def setresuid(self, uid: int) -> None:
         os.setresuid(uid, uid, uid)
+
+    def seteuid(self, uid: int) -> None:
+        os.setresuid(-1, uid, -1)
 
     def unshare(self, flags: int) -> None:
         _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
@@ -206,6 +257,15 @@ class Kernel:
                 ctypes.sizeof(attr),
             ),
             f"mount_setattr {path}",
+        )
+
+    def attach_tree(self, tree_fd: int, target: str) -> None:
+        """Mount a detached tree (from :func:`clone_tree`) at ``target`` (move_mount(2))."""
+        _check(
+            _libc.syscall(
+                SYS_MOVE_MOUNT, tree_fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH
+            ),
+            f"move_mount {target}",
         )
 
     def pivot_root(self, new_root: str, put_old: str) -> None:

@@ -1,8 +1,17 @@
 """The box's root filesystem: parent side opens what the root is made of, child side mounts it.
 
-Parent (:func:`plan_root`): checks every layer and bind source exists and what it is, so a bad
-request fails with a clear message before anything starts. (Descriptors cannot carry them over:
-overlayfs and bind mounts refuse a path whose mount belongs to another mount namespace.)
+Parent (:func:`plan_root`): opens every layer and bind source once, without following any
+symlink (:mod:`sandbox.hostpath`: a box may have planted one in a directory it could write), and
+checks what it is, so a bad request fails with a clear message before anything starts. What was
+checked is what gets mounted:
+
+* as root, the parent turns each descriptor into a detached copy of its mount tree
+  (``open_tree(OPEN_TREE_CLONE)``), which the box's init attaches inside its own mount namespace
+  (``move_mount``); the box's processes never open a host path by name, so they can run as the
+  box's unprivileged host uid from before the user namespace exists;
+* rootless (no ``open_tree`` without CAP_SYS_ADMIN), the box's init opens each path again the
+  same way inside its new mount namespace (a bind from a descriptor of another mount namespace
+  is refused by the kernel) and refuses it unless it is the very inode the parent checked.
 
 Child (:func:`build_root`, run by the box's init inside its user and mount namespaces):
 
@@ -22,11 +31,11 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 from dataclasses import dataclass
 
 from .baseimage import ensure_base_layer
-from .errors import ConfigError
+from .errors import ConfigError, HostError
+from .hostpath import CheckedPath, PathRefused, check_source, open_nofollow
 from .kernel import (
     MNT_DETACH,
     MOUNT_ATTR_NODEV,
@@ -40,8 +49,10 @@ from .kernel import (
     MS_PRIVATE,
     MS_REC,
     KernelOps,
+    clone_tree,
 )
 from .spec import Bind, Spec
+from .userns import bound_counters_from_inside
 
 #: Where the child assembles the root inside its own mount namespace. Overmounting it there is
 #: invisible to the host; /tmp exists on every Linux host and is traversable by any uid.
@@ -72,20 +83,35 @@ PROC_READONLY = ("bus", "fs", "irq", "sys")
 
 
 @dataclass(frozen=True)
-class MountSource:
-    """A host path to bind at ``target``."""
+class HostDir:
+    """A checked host path for the root: a detached mount tree (root) or its identity only."""
 
-    source: str
+    checked: CheckedPath
+    tree_fd: int | None = None  # from clone_tree; None: the box's init opens and re-checks it
+
+    @property
+    def is_dir(self) -> bool:
+        return self.checked.is_dir
+
+
+@dataclass(frozen=True)
+class MountSource:
+    """A checked host path to bind at ``target``."""
+
+    source: HostDir
     target: str
     writable: bool
-    is_dir: bool
+
+    @property
+    def is_dir(self) -> bool:
+        return self.source.is_dir
 
 
 @dataclass(frozen=True)
 class RootPlan:
     """Everything the child needs to build the root."""
 
-    layers: tuple[str, ...]
+    layers: tuple[HostDir, ...]
     binds: tuple[MountSource, ...]
     tmp_size: int
     work_size: int
@@ -95,21 +121,39 @@ class RootPlan:
     gid: int
     cwd: str | None = None  # where the program starts; the work dir if None
     root_size: int | None = None  # writable root of this size; read-only if None
-    build_dir: str | None = None  # a build step's host dir holding upper/ and work/
+    build_dir: HostDir | None = None  # a build step's host dir holding upper/ and work/
+
+    def descriptors(self) -> tuple[int, ...]:
+        """The detached trees the child attaches (the parent closes them once it has forked)."""
+        dirs = (*self.layers, *(b.source for b in self.binds), self.build_dir)
+        return tuple(d.tree_fd for d in dirs if d is not None and d.tree_fd is not None)
 
 
-def _check_source(bind: Bind, source_name: str) -> MountSource:
+def _host_dir(path: str, detach: bool, what: str, where: str, *, directory: bool) -> HostDir:
+    """Check ``path`` (never through a symlink); as root, make its detached tree."""
     try:
-        st = os.stat(bind.source)
-    except OSError as e:
-        raise ConfigError(
-            source_name, f"bind {bind.source}:{bind.target}", f"cannot use the source: {e.strerror}"
-        ) from None
+        fd, checked = check_source(path)
+    except PathRefused as e:
+        raise ConfigError(where, what, f"cannot use the source: {e.problem}") from None
+    try:
+        if directory and not checked.is_dir:
+            raise ConfigError(where, what, f"{path} is not a directory")
+        if not detach:
+            return HostDir(checked)
+        try:
+            return HostDir(checked, clone_tree(fd))
+        except OSError as e:
+            raise HostError(f"cannot take a copy of the mount at {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _check_source(bind: Bind, source_name: str, detach: bool) -> MountSource:
+    what = f"bind {bind.source}:{bind.target}"
     return MountSource(
-        os.path.realpath(bind.source),
+        _host_dir(bind.source, detach, what, source_name, directory=False),
         os.path.normpath(bind.target),
         bind.writable,
-        stat.S_ISDIR(st.st_mode),
     )
 
 
@@ -132,21 +176,46 @@ def _check_target(bind: Bind, source_name: str) -> None:
 
 
 def plan_root(spec: Spec) -> RootPlan:
-    """Check and describe the layers and binds of ``spec``'s root."""
+    """Check and describe the layers and binds of ``spec``'s root.
+
+    As root the result holds detached mount trees: the caller must close
+    :meth:`RootPlan.descriptors` (after the fork, or when anything here fails).
+    """
     profile = spec.profile
-    binds = []
-    if spec.image is not None:
-        layers = spec.image.layers
-    else:
-        base = ensure_base_layer(spec.hostname or profile.hostname, profile.uid, profile.gid)
-        layers = (str(base.path),)
-        binds = [_check_source(Bind(d, d), "host base") for d in base.host_binds]
     for bind in (*profile.binds, *spec.binds):
-        source = profile.source if bind in profile.binds else "request"
-        _check_target(bind, source)
-        binds.append(_check_source(bind, source))
-    if spec.link is not None:  # the group's members by name
-        binds.append(_check_source(Bind(spec.link.hosts_file, "/etc/hosts"), "group"))
+        _check_target(bind, profile.source if bind in profile.binds else "request")
+    detach = os.geteuid() == 0
+    made: list[HostDir] = []
+
+    def host_dir(path: str, what: str, where: str) -> HostDir:
+        made.append(_host_dir(path, detach, what, where, directory=True))
+        return made[-1]
+
+    def bind_source(bind: Bind, where: str) -> MountSource:
+        mount = _check_source(bind, where, detach)
+        made.append(mount.source)
+        return mount
+
+    try:
+        binds = []
+        if spec.image is not None:
+            layers = tuple(host_dir(p, "layer", spec.image.reference) for p in spec.image.layers)
+        else:
+            base = ensure_base_layer(spec.hostname or profile.hostname, profile.uid, profile.gid)
+            layers = (host_dir(str(base.path), "layer", "host base"),)
+            binds = [bind_source(Bind(d, d), "host base") for d in base.host_binds]
+        for bind in (*profile.binds, *spec.binds):
+            binds.append(bind_source(bind, profile.source if bind in profile.binds else "request"))
+        if spec.link is not None:  # the group's members by name
+            binds.append(bind_source(Bind(spec.link.hosts_file, "/etc/hosts"), "group"))
+        build_dir = None
+        if spec.image is not None and spec.image.upper is not None:
+            build_dir = host_dir(spec.image.upper, "build directory", spec.image.reference)
+    except BaseException:
+        for d in made:
+            if d.tree_fd is not None:
+                os.close(d.tree_fd)
+        raise
     return RootPlan(
         layers=layers,
         binds=tuple(binds),
@@ -158,7 +227,7 @@ def plan_root(spec: Spec) -> RootPlan:
         gid=profile.gid,
         cwd=spec.cwd,
         root_size=spec.limits.root_size,
-        build_dir=spec.image.upper if spec.image is not None else None,
+        build_dir=build_dir,
     )
 
 
@@ -174,14 +243,14 @@ def _refuse_escape(root: str, path: str) -> None:
         raise OSError(errno.ELOOP, "mount point resolves outside the box's root", path)
 
 
-def _refuse_layer_symlinks(layer_fds: list[int], target: str) -> None:
+def _refuse_layer_symlinks(layer_dirs: list[str], target: str) -> None:
     """A directory made in the upper layer would hide a layer's symlink of the same name
     (``/bin -> usr/bin``) and break every path through it: bind to the real path instead."""
     parts = target.strip("/").split("/")
     for depth in range(1, len(parts)):
         prefix = "/" + "/".join(parts[:depth])
-        for fd in layer_fds:
-            if os.path.islink(f"/proc/self/fd/{fd}{prefix}"):
+        for directory in layer_dirs:
+            if os.path.islink(f"{directory}{prefix}"):
                 raise OSError(errno.ELOOP, f"{prefix} is a symlink in the image", target)
 
 
@@ -199,22 +268,76 @@ def _bind(k: KernelOps, source: str, target: str, attrs: int) -> None:
     k.mount_setattr(target, attrs, recursive=True)
 
 
-def _open_path(path: str) -> int:
-    return os.open(path, os.O_PATH | os.O_CLOEXEC)
+def _reopen(host: HostDir) -> int:
+    """Rootless: open a checked path again in this mount namespace, and only if it is still
+    the inode the supervisor checked (nothing swapped in between)."""
+    path = host.checked.path
+    try:
+        fd = open_nofollow(path, os.O_PATH)
+    except PathRefused as e:
+        raise OSError(errno.ELOOP, e.problem, path) from None
+    if not host.checked.same_as(os.fstat(fd)):
+        os.close(fd)
+        raise OSError(errno.ESTALE, "changed since the supervisor checked it", path)
+    return fd
+
+
+def _tree(host: HostDir) -> int:
+    if host.tree_fd is None:
+        raise OSError(errno.EBADF, "no mount tree for this host path", host.checked.path)
+    return host.tree_fd
+
+
+class _Sources:
+    """The host dirs of a plan as paths this mount namespace can mount from."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []  # descriptors to close once the root is built
+
+    def open(self, host: HostDir) -> str | None:
+        """Rootless: ``/proc/self/fd/N`` of a re-checked descriptor; None for a tree."""
+        if host.tree_fd is not None:
+            self.fds.append(host.tree_fd)
+            return None
+        self.fds.append(_reopen(host))
+        return f"/proc/self/fd/{self.fds[-1]}"
+
+    def place(self, k: KernelOps, host: HostDir, opened: str | None, path: str) -> str:
+        """A directory path for ``host``: the opened one, or its tree attached at ``path``."""
+        if host.tree_fd is None and opened is not None:
+            return opened
+        os.mkdir(path, 0o755)
+        k.attach_tree(_tree(host), path)
+        return path
+
+    def bind(
+        self, k: KernelOps, host: HostDir, opened: str | None, target: str, attrs: int
+    ) -> None:
+        """Mount ``host`` at ``target`` with ``attrs`` (recursively)."""
+        if host.tree_fd is None and opened is not None:
+            k.mount(opened, target, None, MS_BIND | MS_REC)
+        else:
+            k.attach_tree(_tree(host), target)
+        k.mount_setattr(target, attrs, recursive=True)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
 
 
 def build_root(k: KernelOps, plan: RootPlan) -> None:
     """Child side: assemble the root described by ``plan`` and pivot into it.
 
-    Sources are opened first, with the caller's host uid (so a bind from a directory only the
-    caller may enter works), as ``O_PATH`` descriptors in this mount namespace; then file
-    creation switches to the box's ids (the caller's uid has no mapping here, and files need an
-    owner the namespace can name: EOVERFLOW otherwise) and mounts use ``/proc/self/fd/N``.
+    Rootless, sources are opened first, with the caller's host uid (so a bind from a directory
+    only the caller may enter works), as ``O_PATH`` descriptors in this mount namespace; as
+    root, the supervisor's detached trees are attached instead. Then file creation switches to
+    the box's ids (files need an owner the namespace can name: EOVERFLOW otherwise).
     """
     k.mount(None, "/", None, MS_REC | MS_PRIVATE)
-    layer_fds = [_open_path(layer) for layer in plan.layers]
-    bind_fds = [_open_path(m.source) for m in plan.binds]
-    build_fd = _open_path(plan.build_dir) if plan.build_dir else None
+    sources = _Sources()
+    opened_layers = [sources.open(layer) for layer in plan.layers]
+    opened_binds = [sources.open(m.source) for m in plan.binds]
+    opened_build = sources.open(plan.build_dir) if plan.build_dir is not None else None
     k.set_fsids(plan.uid, plan.gid)
     stage_size = (plan.root_size or 0) + (1 << 20)
     k.mount(
@@ -226,10 +349,19 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
     )
     for name in ("points", "upper", "work", "root"):
         os.mkdir(f"{STAGE}/{name}", 0o755)
+    layer_dirs = [
+        sources.place(k, layer, opened, f"{STAGE}/layer{i}")
+        for i, (layer, opened) in enumerate(zip(plan.layers, opened_layers, strict=True))
+    ]
+    build = (
+        sources.place(k, plan.build_dir, opened_build, f"{STAGE}/build")
+        if plan.build_dir is not None
+        else None
+    )
     root = f"{STAGE}/root"
     # A build step keeps /box out of its layer: it runs in the image's own directories.
-    writable_dirs = ("/tmp",) if build_fd is not None else ("/tmp", plan.workdir)
-    binds = sorted(zip(plan.binds, bind_fds, strict=True), key=lambda b: b[0].target)
+    writable_dirs = ("/tmp",) if build is not None else ("/tmp", plan.workdir)
+    binds = sorted(zip(plan.binds, opened_binds, strict=True), key=lambda b: b[0].target)
     # Mount points go into a small layer of their own on top of the image's, so they never
     # land in a build step's upper (its layer) and need no write access to the image.
     fixed = (*writable_dirs, "/dev", "/proc")
@@ -237,12 +369,12 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
     for target, is_dir, always in targets:
         if any(_is_under(target, d) and d != target for d in writable_dirs):
             continue  # made once that tmpfs is mounted
-        if always or not any(os.path.lexists(f"/proc/self/fd/{fd}{target}") for fd in layer_fds):
-            _refuse_layer_symlinks(layer_fds, target)
+        if always or not any(os.path.lexists(f"{d}{target}") for d in layer_dirs):
+            _refuse_layer_symlinks(layer_dirs, target)
             _make_mount_point(f"{STAGE}/points{target}", is_dir)
-    lowers = ":".join([f"{STAGE}/points", *(f"/proc/self/fd/{fd}" for fd in layer_fds)])
-    if build_fd is not None:
-        upper, work = f"/proc/self/fd/{build_fd}/upper", f"/proc/self/fd/{build_fd}/work"
+    lowers = ":".join([f"{STAGE}/points", *layer_dirs])
+    if build is not None:
+        upper, work = f"{build}/upper", f"{build}/work"
     else:
         upper, work = f"{STAGE}/upper", f"{STAGE}/work"
     # redirect_dir=nofollow and metacopy=off: a lower layer's xattrs must never send a lookup
@@ -264,7 +396,7 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
         MS_NOSUID | MS_NODEV | noexec,
         f"size={plan.tmp_size},nr_inodes=16384,mode=1777",
     )
-    if build_fd is None:
+    if build is None:
         k.mount(
             "tmpfs",
             root + plan.workdir,
@@ -273,17 +405,16 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
             f"size={plan.work_size},nr_inodes=16384,mode=0755,uid={plan.uid},gid={plan.gid}",
         )
     ro = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
-    for source, fd in binds:
-        path = root + source.target
+    for mount, opened in binds:
+        path = root + mount.target
         _refuse_escape(root, os.path.dirname(path))
-        _make_mount_point(path, source.is_dir)
-        attrs = ro & ~MOUNT_ATTR_RDONLY if source.writable else ro
-        _bind(k, f"/proc/self/fd/{fd}", path, attrs)
-    for fd in layer_fds + bind_fds + ([build_fd] if build_fd is not None else []):
-        os.close(fd)
+        _make_mount_point(path, mount.is_dir)
+        attrs = ro & ~MOUNT_ATTR_RDONLY if mount.writable else ro
+        sources.bind(k, mount.source, opened, path, attrs)
+    sources.close()
     _build_dev(k, root + "/dev")
     _build_proc(k, root + "/proc")
-    writable_root = plan.root_size is not None or build_fd is not None
+    writable_root = plan.root_size is not None or build is not None
     k.mount_setattr(root, ro & ~MOUNT_ATTR_RDONLY if writable_root else ro, recursive=False)
 
     k.chdir(root)
@@ -305,6 +436,7 @@ def _build_dev(k: KernelOps, dev: str) -> None:
 
 def _build_proc(k: KernelOps, proc: str) -> None:
     k.mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    bound_counters_from_inside(proc)  # before /proc/sys becomes read-only below
     for name in PROC_MASKED:
         path = f"{proc}/{name}"
         if os.path.isdir(path):

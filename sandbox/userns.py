@@ -1,14 +1,21 @@
-"""User namespace, parent side: which host ids a box runs as, and writing its id maps.
+"""User namespace: which host ids a box runs as, its id maps, and its per-user counters.
 
 As root, each concurrent box gets its own unprivileged host uid/gid (``ID_BASE + slot``), held by
 an ``flock`` on a slot file for the run's lifetime (released by the kernel even after SIGKILL).
 Without root, the only id a user may map is its own (user_namespaces(7), "Defining user and
 group ID mappings"), so every box of that user shares it.
+
+Per-user kernel counters (pending signals, message-queue bytes, inotify, processes) are charged
+up the chain of user namespaces to the uid that created each one. As root, the box's own host
+uid creates its namespace (``child.become_box_owner``), so a box only ever exhausts its own
+counters; rootless, they are the caller's, of which a box may take at most the bounds below.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 from dataclasses import dataclass
 
 from .errors import HostError
@@ -20,6 +27,18 @@ SLOTS = 65536
 #: (mapped to 0 inside, so it may change any file of the image, as a build's root does). Run
 #: boxes never get it: they see layer files as owned by nobody, read-only.
 IMAGE_OWNER = ID_BASE - 1
+#: Per-box bounds of per-user counters: rlimits set before the namespace exists ...
+COUNTER_RLIMITS = (
+    (resource.RLIMIT_SIGPENDING, 1024),  # queued signals, POSIX timers included
+    (resource.RLIMIT_MSGQUEUE, 256 << 10),  # bytes of POSIX message queues
+)
+#: ... and the box namespace's own ceilings (/proc/sys/user, written by the box's init).
+COUNTER_SYSCTLS = (
+    ("max_inotify_instances", 32),
+    ("max_inotify_watches", 8192),
+    ("max_fanotify_groups", 8),
+    ("max_fanotify_marks", 8192),
+)
 
 
 @dataclass
@@ -68,3 +87,24 @@ def write_maps(pid: int, inside_uid: int, inside_gid: int, ids: HostIds) -> None
             os.write(fd, text.encode())
         finally:
             os.close(fd)
+
+
+def counter_rlimits() -> tuple[tuple[int, int], ...]:
+    """:data:`COUNTER_RLIMITS`, never above what this process already has."""
+    out = []
+    for which, bound in COUNTER_RLIMITS:
+        soft, _ = resource.getrlimit(which)
+        out.append((which, bound if soft == resource.RLIM_INFINITY else min(bound, soft)))
+    return tuple(out)
+
+
+def bound_counters_from_inside(proc: str) -> None:
+    """Child side (the box's init, which holds CAP_SYS_RESOURCE in the box's namespace): set
+    the namespace's ceilings in its fresh ``/proc`` before ``/proc/sys`` is made read-only."""
+    for name, value in COUNTER_SYSCTLS:
+        with contextlib.suppress(FileNotFoundError):  # fanotify's exist since Linux 5.13
+            fd = os.open(f"{proc}/sys/user/{name}", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, str(value).encode())
+            finally:
+                os.close(fd)

@@ -37,7 +37,8 @@ def plan():
                     noexec_tmp=False, uid=1000, gid=1000)
     p = child.ChildPlan(argv=("/bin/true",), env={"PATH": "/bin"}, hostname="box",
                         network=NetworkMode.NONE, address=None, uid=1000, gid=1000,
-                        drop_groups=True, root=root,
+                        drop_groups=True, creator_uid=100_000_005,
+                        counter_limits=((11, 1024),), root=root,
                         rlimits=((4, 0),), stdio=(0, 1, 2), sync=theirs, bpf=b"\0" * 8,
                         listener=True, supervisor_pid=os.getppid(), root_ready=os.pipe(),
                         cgroup_entry=(7, 8))
@@ -54,8 +55,12 @@ def test_setup_phases_drop_groups_then_unshare_user_first_then_wait_for_maps(pla
     supervisor.send(protocol.encode(protocol.GO))
     k = RecordingKernel()
     child._run_phases(k, p, child.SETUP_PHASES)
-    assert k.names == ["set_pdeathsig", "close_fds_except", "setgroups", "unshare"]
-    flags = k.calls[3][1][0]
+    assert k.names == ["set_pdeathsig", "close_fds_except", "setgroups", "setrlimit", "seteuid",
+                       "set_pdeathsig", "unshare"]
+    # The box's host uid creates the user namespace, with its counters bounded first, and the
+    # parent-death signal that the uid change cleared is set again.
+    assert k.calls[4][1] == (100_000_005,) and k.calls[3][1] == (11, 1024)
+    flags = k.calls[6][1][0]
     assert flags & CLONE_NEWUSER and not flags & CLONE_NEWCGROUP
     assert protocol.receive(supervisor).kind == protocol.UNSHARED
 
