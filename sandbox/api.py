@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from . import helper, logs
@@ -21,6 +22,7 @@ from .group import GroupReport, load_group
 from .report import Report
 from .request import Request, resolve
 from .spec import Bind
+from .streams import read_capture
 
 BindLike = Bind | tuple[str, str] | tuple[str, str, bool]
 
@@ -179,9 +181,14 @@ def run(
     )
     outputs = [os.dup(fd) for fd in (stdout, stderr) if fd is not None]
     request = helper.Request(spec, stdout is not None, stderr is not None)
-    result = _call(request, [_stdin_fd(stdin), *outputs])
-    if not isinstance(result, Report):
+    result, captures = _call(request, [_stdin_fd(stdin), *outputs])
+    captured = [name for name, fd in (("stdout", stdout), ("stderr", stderr)) if fd is None]
+    if not isinstance(result, Report) or len(captures) != len(captured):
+        for fd in captures:
+            os.close(fd)
         raise HostError("the box helper sent an unexpected answer")
+    texts = dict(zip(captured, (read_capture(fd) for fd in captures), strict=True))
+    result = replace(result, stdout=texts.get("stdout"), stderr=texts.get("stderr"))
     logs.log_run(result)
     return result
 
@@ -193,7 +200,9 @@ def run_group(path: str | Path) -> GroupReport:
     the box and the key.
     """
     group = load_group(path)
-    result = _call(helper.Request(None, group=group), [_stdin_fd(None)])
+    result, captures = _call(helper.Request(None, group=group), [_stdin_fd(None)])
+    for fd in captures:
+        os.close(fd)
     if not isinstance(result, GroupReport):
         raise HostError("the box helper sent an unexpected answer")
     for report in result.reports.values():
@@ -201,8 +210,9 @@ def run_group(path: str | Path) -> GroupReport:
     return result
 
 
-def _call(request: helper.Request, fds: list[int]) -> object:
-    """Send ``request`` with ``fds`` (which this closes) to the helper and wait for its answer."""
+def _call(request: helper.Request, fds: list[int]) -> tuple[object, list[int]]:
+    """Send ``request`` with ``fds`` (which this closes) to the helper and wait for its answer
+    (and the descriptors of captured output that come with it)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with ours:
@@ -213,11 +223,13 @@ def _call(request: helper.Request, fds: list[int]) -> object:
                 for fd in fds:
                     os.close(fd)
             try:
-                result = helper.receive_result(ours)
+                result, captures = helper.receive_result(ours)
             except ConnectionError as e:
                 raise HostError(f"the box helper failed: {e}") from None
     except OSError as e:
         raise HostError(f"cannot reach the box helper: {e.strerror or e}") from None
     if isinstance(result, SandboxError):
+        for fd in captures:
+            os.close(fd)
         raise result
-    return result
+    return result, captures

@@ -155,7 +155,8 @@ def _cgroups() -> list[Check]:
 
 def _strict_box() -> Check:
     from .request import Request, resolve
-    from .supervisor import BufferSink, run_box
+    from .streams import BufferSink
+    from .supervisor import run_box
 
     try:
         spec = resolve(Request(argv=["/bin/true"], profile="strict"))

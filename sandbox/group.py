@@ -232,7 +232,8 @@ def run_group(group: GroupSpec) -> GroupReport:
 
 
 def _run(group: GroupSpec, boxes: tuple[BoxSpec, ...]) -> GroupReport:
-    from .supervisor import BufferSink, run_box
+    from .streams import BufferSink
+    from .supervisor import run_box
 
     pipes = {
         b.name: os.pipe2(os.O_CLOEXEC)

@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import SandboxError
 from .group import GroupSpec
+from .report import Report
 from .spec import NetworkMode, Spec
 
 _LENGTH = struct.Struct("!Q")
@@ -49,19 +50,35 @@ class Request:
 
 
 MAX_REQUEST = 1 << 20
+MAX_CAPTURES = 2  # stdout and stderr memory files
 
 
-def send_result(sock: socket.socket, result: Any) -> None:
-    """Length-prefixed pickle on a stream socket."""
+def send_result(sock: socket.socket, result: Any, fds: tuple[int, ...] = ()) -> None:
+    """Length-prefixed pickle on a stream socket; ``fds`` ride on the length's bytes."""
     data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(_LENGTH.pack(len(data)) + data)
+    header = _LENGTH.pack(len(data))
+    if fds:
+        sent = socket.send_fds(sock, [header], list(fds))
+        sock.sendall(header[sent:] + data)
+    else:
+        sock.sendall(header + data)
 
 
-def receive_result(sock: socket.socket) -> Any:
-    """Counterpart of :func:`send_result`; raises ConnectionError if the helper died."""
-    header = _recv_exactly(sock, _LENGTH.size)
-    data = _recv_exactly(sock, _LENGTH.unpack(header)[0])
-    return pickle.loads(data)  # noqa: S301 - our own helper process, over a private socketpair
+def receive_result(sock: socket.socket) -> tuple[Any, list[int]]:
+    """Counterpart of :func:`send_result`: (result, descriptors); raises ConnectionError if
+    the helper died."""
+    first, fds, _, _ = socket.recv_fds(sock, _LENGTH.size, MAX_CAPTURES)
+    if not first:
+        raise ConnectionError("the box helper closed the connection")
+    try:
+        header = first + _recv_exactly(sock, _LENGTH.size - len(first))
+        data = _recv_exactly(sock, _LENGTH.unpack(header)[0])
+        # Our own helper process, over a private socketpair.
+        return pickle.loads(data), fds  # noqa: S301
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -75,13 +92,22 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 
 
 def _serve_one(request: Request, conn: socket.socket, fds: list[int]) -> None:
-    from .supervisor import BufferSink, FdSink, Sink, run_box
+    from .streams import FdSink, MemfdSink, Sink
+    from .supervisor import run_box
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the helper ignores it; we wait for our box
     stdin_fd, *rest = fds
     sinks: list[Sink] = []
-    for to_fd in (request.stdout_to_fd, request.stderr_to_fd):
-        sinks.append(FdSink(rest.pop(0)) if to_fd else BufferSink())
+    # Captured output goes to memory files handed to the caller, not through this process's
+    # heap and a pickle (which cost several copies of the output outside every limit).
+    captures: list[int] = []
+    for to_fd, name in ((request.stdout_to_fd, "stdout"), (request.stderr_to_fd, "stderr")):
+        if to_fd:
+            sinks.append(FdSink(rest.pop(0)))
+        else:
+            capture = MemfdSink(name)
+            captures.append(capture.fd)
+            sinks.append(capture)
     try:
         if request.group is not None:
             from .group import run_group
@@ -96,7 +122,7 @@ def _serve_one(request: Request, conn: socket.socket, fds: list[int]) -> None:
     except Exception as e:  # any other failure still reaches the caller, as an error
         result = SandboxError(f"internal error in the box helper: {type(e).__name__}: {e}")
     with contextlib.suppress(OSError):  # the caller went away
-        send_result(conn, result)
+        send_result(conn, result, tuple(captures) if isinstance(result, Report) else ())
 
 
 def serve(control: socket.socket) -> None:

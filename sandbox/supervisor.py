@@ -19,9 +19,8 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from . import cgroups, child, protocol, seccomp, userns
+from . import cgroups, child, protocol, seccomp, streams, userns
 from .errors import ConfigError, HostError
 from .hostinfo import host_facts
 from .image.lock import hold_store
@@ -29,6 +28,7 @@ from .kernel import Kernel
 from .report import AppliedLimit, Report
 from .rootfs import plan_root
 from .spec import Fallback, Limits, NetworkMode, Spec
+from .streams import MAX_BACKLOG, BufferSink, Sink
 from .verdict import Observed, decide
 
 SETUP_TIMEOUT = 30.0
@@ -42,37 +42,6 @@ _NOTIF = struct.Struct("=QIIiIQ6Q")
 SECCOMP_IOCTL_NOTIF_RECV = 0xC0000000 | (_NOTIF.size << 16) | (ord("!") << 8)
 
 
-class Sink(Protocol):
-    """Where one output stream of the program goes."""
-
-    def write(self, data: bytes) -> None: ...
-
-
-class FdSink:
-    """Copy to a file descriptor (the CLI's stdout/stderr, or a file)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(self.fd, view) :]
-            except BrokenPipeError:
-                return  # the reader went away; the program's output is still counted
-
-
-class BufferSink:
-    """Capture in memory (the library returns the bytes in the report)."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.buffer += data
-
-
 @dataclass
 class _Stream:
     fd: int  # the read end of the program's pipe
@@ -80,6 +49,7 @@ class _Stream:
     limit: int | None
     count: int = 0
     truncated: bool = False
+    paused: bool = False  # not read while its sink's consumer is behind (back-pressure)
 
 
 @dataclass
@@ -199,6 +169,10 @@ def run_box(
     bpf = seccomp.compile_filter(spec.profile.seccomp, notify=listener)
     rlimits, mechanisms = _rlimits(limits, isinstance(backend, HostError))
     with contextlib.ExitStack() as stack:
+        # First, while this process is alone: the copier of a socket stdin is forked here.
+        stdin_fd, copier = streams.private_stdin(stdin_fd)
+        stack.callback(os.close, stdin_fd)
+        stack.callback(streams.stop_copier, copier)
         if spec.image is not None and spec.image.upper is not None:
             # A build step: root of its namespace, as the owner of the image's files.
             ids = userns.HostIds(*userns.image_owner())
@@ -208,6 +182,8 @@ def run_box(
         if spec.image is not None:  # prune waits until the run no longer needs its layers
             stack.callback(os.close, hold_store(spec.image.store))
         root = plan_root(spec)
+        for tree in root.descriptors():
+            stack.callback(os.close, tree)
         box = None if isinstance(backend, HostError) else backend.create(limits)
         if box is not None:
             stack.callback(box.destroy)
@@ -237,6 +213,8 @@ def run_box(
             uid=spec.profile.uid,
             gid=spec.profile.gid,
             drop_groups=os.geteuid() == 0,
+            creator_uid=ids.uid if os.geteuid() == 0 else None,
+            counter_limits=userns.counter_rlimits(),
             root=root,
             rlimits=rlimits,
             stdio=(stdin_fd, program_fds[0], program_fds[1]),
@@ -255,7 +233,12 @@ def run_box(
             for fd in (*ours, *root_ready, *entry, *handed_over):
                 os.close(fd)
         usage = _Supervisor(spec, run, pid, parent_sock, ids, box, cancel_fd).run()
-        return _account(spec, run, usage, box, mechanisms, stdout, stderr)
+        report = _account(spec, run, usage, box, mechanisms, stdout, stderr)
+    # The verdict is final and the box gone: only now may a slow consumer make us wait.
+    for sink in (stdout, stderr):
+        if not isinstance(sink, int):
+            sink.finish()
+    return report
 
 
 def _account(
@@ -396,6 +379,7 @@ class _Supervisor:
         self.sel.register(sock, selectors.EVENT_READ, "sync")
         self.sel.register(self.pidfd, selectors.EVENT_READ, "exit")
         self.streams = {s.fd: s for s in run.streams if s is not None}
+        self.flushing: dict[int, int] = {}  # a sink's descriptor -> the paused program pipe
         for fd in self.streams:
             self.sel.register(fd, selectors.EVENT_READ, "output")
         if cancel_fd is not None:
@@ -464,6 +448,8 @@ class _Supervisor:
                 self._receive()
             elif key.data == "output":
                 self._copy_output(key.fd, enforce=True)
+            elif key.data == "flush":
+                self._flush(key.fd)
             elif key.data == "notify":
                 self._forbidden(key.fd)
             elif key.data == "cancel":
@@ -547,6 +533,9 @@ class _Supervisor:
         if self.box is not None:
             with contextlib.suppress(OSError, HostError):
                 self.box.kill()  # nothing of the box may outlive it, even outside its pid ns
+        for fd, stream in self.streams.items():
+            # The writers are dead: what is left in the pipes is bounded, so read it all.
+            self._resume(fd, stream)
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while any(k.data in ("output", "sync") for k in self.sel.get_map().values()):
             remaining = deadline - time.monotonic()
@@ -557,7 +546,7 @@ class _Supervisor:
                     self._receive()
                 elif key.data == "output":
                     self._copy_output(key.fd, enforce=False)
-                elif key.data in ("notify", "cancel"):
+                elif key.data in ("notify", "cancel", "flush"):
                     self.sel.unregister(key.fd)
 
     def _copy_output(self, fd: int, *, enforce: bool) -> None:
@@ -576,3 +565,28 @@ class _Supervisor:
             return
         stream.sink.write(data)
         stream.count += len(data)
+        wait_fd = stream.sink.wait_fd()
+        if enforce and stream.sink.backlog > MAX_BACKLOG and wait_fd is not None:
+            # The consumer is behind: stop reading the program's pipe (its writes block in the
+            # box) and wait for the consumer instead; this loop keeps enforcing the limits.
+            self.sel.unregister(fd)
+            stream.paused = True
+            self.flushing[wait_fd] = fd
+            self.sel.register(wait_fd, selectors.EVENT_WRITE, "flush")
+
+    def _flush(self, wait_fd: int) -> None:
+        fd = self.flushing[wait_fd]
+        stream = self.streams[fd]
+        stream.sink.flush()
+        if stream.sink.backlog <= MAX_BACKLOG // 2:
+            self._resume(fd, stream)
+
+    def _resume(self, fd: int, stream: _Stream) -> None:
+        if not stream.paused:
+            return
+        wait_fd = next(w for w, f in self.flushing.items() if f == fd)
+        del self.flushing[wait_fd]
+        with contextlib.suppress(KeyError):
+            self.sel.unregister(wait_fd)
+        self.sel.register(fd, selectors.EVENT_READ, "output")
+        stream.paused = False

@@ -86,3 +86,24 @@ def test_run_works_in_a_forked_child_with_its_own_helper():
         finally:
             os._exit(code)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def test_captured_output_costs_the_caller_one_copy_of_it():
+    """The helper hands captured output over as a memory file: 96 MiB of output grow the
+    caller by about 96 MiB (a pickle through the socket cost three copies)."""
+    import subprocess
+    import sys
+
+    size = 96 << 20
+    script = (
+        "import resource, sandbox\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "r = sandbox.run(['python3', '-c', 'import sys; sys.stdout.buffer.write(b\"x\" * "
+        f"{size})'], output='128M', memory='256M', wall_time='30s')\n"
+        "print(len(r.stdout), r.stdout_truncated, "
+        "(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, check=True,
+                         timeout=120).stdout.split()
+    assert out[:2] == [str(size).encode(), b"False"]
+    assert int(out[2]) < 1.5 * size
