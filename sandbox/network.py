@@ -6,6 +6,14 @@ Each box's own network namespace receives one end of a veth pair as ``eth0`` (th
 a port of the bridge), and its init gives ``eth0`` the box's address (``child.set_up_network``).
 Members find each other by name through the group's ``/etc/hosts``, bound over the box's.
 
+No member may speak as another, or as an address nobody has: the kernel refuses a non-local
+IPv4 source to a socket without ``IP_TRANSPARENT`` (``CAP_NET_ADMIN``), but ``IPV6_FREEBIND``
+needs no capability and lets any program send from any IPv6 address (ipv6(7)). So the bridge,
+in the group's namespace and out of every box's reach, drops each frame a port receives unless
+its source MAC and IPv4, ARP or IPv6 source are those the sandbox gave that port's box
+(``port_ruleset``, nftables' bridge family), and the group's own stack neither hears nor speaks
+on the segment.
+
 Named namespaces live in ``/run/netns`` as ``sandbox-<pid>-<start>-<n>``; a runner that starts
 removes those of runners that died (their veths died with their boxes' namespaces).
 """
@@ -16,6 +24,8 @@ import contextlib
 import ipaddress
 import itertools
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 from .errors import HostError
@@ -54,20 +64,22 @@ class LinkedNetwork:
         self._slot_fd, subnet = _take_subnet()
         self.dir = ensure_dir(state_dir() / "groups") / self.name
         self.dir.mkdir(mode=0o755)
-        try:
-            netns.create(self.name)
-            with NetNS(self.name) as ns:
-                ns.link("add", ifname="br0", kind="bridge")
-                ns.link("set", index=ns.link_lookup(ifname="br0")[0], state="up")
-        except BaseException:
-            self.close()
-            raise
         hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost"]
         self.links: dict[str, Link] = {}
         for index, member in enumerate(members):
             address = str(subnet.network_address + index + 2)
             hosts.append(f"{address}\t{member}")
             self.links[member] = Link(self.name, index, address, PREFIX, str(self.dir / "hosts"))
+        try:
+            netns.create(self.name)
+            # The filter is in place before the bridge is up and before any port exists.
+            filter_ports(self.name, list(self.links.values()))
+            with NetNS(self.name) as ns:
+                ns.link("add", ifname="br0", kind="bridge")
+                ns.link("set", index=ns.link_lookup(ifname="br0")[0], state="up")
+        except BaseException:
+            self.close()
+            raise
         (self.dir / "hosts").write_text("\n".join(hosts) + "\n")
         os.chmod(self.dir / "hosts", 0o644)
 
@@ -91,12 +103,81 @@ def attach(link: Link, pid: int) -> None:
     """Give the box whose network namespace ``pid`` is in its ``eth0`` on the group's bridge."""
     from pyroute2 import NetNS
 
-    port = f"sbx{link.index}"
+    peer = {"ifname": "eth0", "net_ns_pid": pid, "address": mac_address(link.address)}
     with NetNS(link.netns) as ns:
-        ns.link("add", ifname=port, kind="veth", peer={"ifname": "eth0", "net_ns_pid": pid})
-        index = ns.link_lookup(ifname=port)[0]
+        ns.link("add", ifname=port_name(link), kind="veth", peer=peer)
+        index = ns.link_lookup(ifname=port_name(link))[0]
         bridge = ns.link_lookup(ifname="br0")[0]
         ns.link("set", index=index, master=bridge, state="up")
+
+
+def port_name(link: Link) -> str:
+    """The name of the bridge port whose veth peer is the box's ``eth0``."""
+    return f"sbx{link.index}"
+
+
+def mac_address(address: str) -> str:
+    """The MAC of the box whose IPv4 address is ``address``: locally administered (02:00), then
+    the address's four bytes, so it is unique in the group and known before the box exists."""
+    return ":".join(f"{b:02x}" for b in (2, 0, *ipaddress.IPv4Address(address).packed))
+
+
+def link_local(address: str) -> str:
+    """The IPv6 link-local address the kernel gives the box's ``eth0`` from its MAC (modified
+    EUI-64, RFC 4291 appendix A): the only IPv6 source its port lets through."""
+    mac = bytes.fromhex(mac_address(address).replace(":", ""))
+    eui = bytes([mac[0] ^ 0x02]) + mac[1:3] + b"\xff\xfe" + mac[3:]
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + eui))
+
+
+def port_ruleset(links: list[Link]) -> str:
+    """The nftables ruleset of a group's namespace (bridge family).
+
+    Hooked at prerouting, so it sees every frame a port receives before it is forwarded or
+    delivered, with policy drop: a frame passes only if its port, source MAC and source
+    address (IPv4, IPv6 link-local, or ARP sender MAC and IPv4) are one member's. Anything
+    else (another member's or an unassigned source, a changed MAC, VLAN tags, other
+    protocols) is dropped. The input and output hooks drop everything: the group's namespace
+    (its bridge's own IPv6 link-local) is no peer on the segment."""
+    v4, v6, arp = [], [], []
+    for link in links:
+        port, mac = f'"{port_name(link)}"', mac_address(link.address)
+        v4.append(f"{port} . {mac} . {link.address}")
+        v6.append(f"{port} . {mac} . {link_local(link.address)}")
+        arp.append(f"{port} . {mac} . {mac} . {link.address}")
+    accepts = (
+        f"ether type ip iifname . ether saddr . ip saddr {{ {', '.join(v4)} }} accept",
+        f"ether type ip6 iifname . ether saddr . ip6 saddr {{ {', '.join(v6)} }} accept",
+        "ether type arp iifname . ether saddr . arp saddr ether . arp saddr ip"
+        f" {{ {', '.join(arp)} }} accept",
+    )
+    return "\n".join((
+        "table bridge sandbox {",
+        "  chain ports {",
+        "    type filter hook prerouting priority filter; policy drop;",
+        *(f"    {rule}" for rule in accepts),
+        "  }",
+        "  chain local { type filter hook input priority filter; policy drop; }",
+        "  chain own { type filter hook output priority filter; policy drop; }",
+        "}",
+    )) + "\n"
+
+
+def filter_ports(netns: str, links: list[Link]) -> None:
+    """Load ``port_ruleset`` into the named network namespace; fail closed without nft."""
+    missing = [tool for tool in ("nsenter", "nft") if shutil.which(tool) is None]
+    if missing:
+        raise HostError(
+            f"linked networking needs {' and '.join(missing)} to stop source spoofing"
+            " (apt-get install nftables util-linux)"
+        )
+    done = subprocess.run(
+        ["nsenter", f"--net={NETNS_DIR / netns}", "nft", "-f", "-"],
+        input=port_ruleset(links), capture_output=True, text=True, check=False,
+    )
+    if done.returncode != 0:
+        detail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
+        raise HostError(f"cannot filter the linked network (nft): {detail}")
 
 
 def _take_subnet() -> tuple[int, ipaddress.IPv4Network]:
