@@ -103,3 +103,47 @@ def test_rootless_image_build_and_run(as_nobody):
     assert result.stdout == b"copied\nby-run\nno-rm\n"
     layers = list((home / "state" / "images" / "layers").iterdir())
     assert layers and all(p.stat().st_uid == NOBODY for p in layers)
+
+
+def test_rootless_plants_are_refused_and_bind_sources_are_the_checked_inode(as_nobody):
+    """The supervisor checks without following symlinks; the box's init opens again and
+    mounts only what was checked (the rootless path: no detached mount trees)."""
+    run, profile = as_nobody
+    home = profile.parent
+    shared = home / "shared"
+    shared.mkdir()
+    os.chown(shared, NOBODY, NOBODY)
+    (shared / "data").mkdir()
+    (shared / "data" / "f").write_text("real\n")
+    os.symlink("/etc", shared / "out")  # what an earlier box of this user left here
+    ok = run("exec", "--profile", str(profile), "--ro-bind", f"{shared}/data:/box/d", "--",
+             "cat", "/box/d/f")
+    assert ok.returncode == 0 and ok.stdout == b"real\n", ok.stderr
+    planted = run("exec", "--profile", str(profile), "--ro-bind", f"{shared}/out:/box/d", "--",
+                  "cat", "/box/d/passwd")
+    assert planted.returncode == 125 and b"is a symlink" in planted.stderr
+
+
+def test_rootless_box_takes_only_its_share_of_the_callers_counters(as_nobody, cprog):
+    run, profile = as_nobody
+    home = profile.parent
+    tools = home / "tools"
+    tools.mkdir()
+    shutil.copy(cprog("counters") / "counters", tools / "counters")
+    os.chmod(tools, 0o755)
+    holder = subprocess.Popen(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sh", "-c",
+         f"PYTHONPATH={ROOT}:{sysconfig.get_paths()['purelib']} SANDBOX_HOME={home}/state "
+         f"/usr/bin/python3 -m sandbox exec --profile {profile} --ro-bind {tools}:/box/t -- "
+         "/box/t/counters sigpending hold 4"], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        line = holder.stdout.readline().split()
+        assert line[0] == b"held" and 0 < int(line[1]) <= 1024
+        probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                                "--clear-groups", str(tools / "counters"), "sigpending",
+                                "probe"], capture_output=True, timeout=30)
+        assert probe.stdout == b"ok\n"
+    finally:
+        holder.kill()
+        holder.wait()
