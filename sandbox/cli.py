@@ -1,4 +1,6 @@
-"""``sandbox``: the command line. Single-threaded, so it forks boxes directly (DESIGN.md §2).
+"""``sandbox``: the command line. Single-threaded, so it forks boxes directly.
+
+Why only a single-threaded process may fork: docs/architecture.md, "Processes and threads".
 
 Exit codes (Docker's conventions): the program's own exit code; 128+N when it was killed by
 signal N (limits included); 125 for a sandbox or configuration error; 126 when the command cannot
