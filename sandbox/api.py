@@ -48,6 +48,8 @@ class _Helper:
             self.control.close()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
+            # Same interpreter, same environment: the helper imports the package this process
+            # imported, from where it is installed (or from PYTHONPATH if the caller set one).
             self.process = subprocess.Popen(
                 [
                     sys.executable,
@@ -58,7 +60,6 @@ class _Helper:
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 cwd="/",
-                env={**os.environ, "PYTHONPATH": _package_root()},
             )
         self.control = ours
 
@@ -67,12 +68,6 @@ class _Helper:
         self.lock = threading.Lock()
         self.process = None
         self.control = None
-
-
-def _package_root() -> str:
-    extra = os.environ.get("PYTHONPATH")
-    root = str(Path(__file__).resolve().parent.parent)
-    return f"{root}:{extra}" if extra else root
 
 
 _helper = _Helper()

@@ -8,7 +8,8 @@
               └─ program (C): joins the box cgroup, drops every privilege, seccomp, execve
 
 The order is data (:data:`SETUP_PHASES`, :data:`INIT_PHASES`, :data:`PROGRAM_PHASES`) so unit
-tests can check it with a recording kernel. Rules this code keeps (DESIGN.md §1-2):
+tests can check it with a recording kernel. Rules this code keeps (docs/architecture.md,
+"Processes and threads" and "Why this shape"):
 
 * it never logs, never takes a lock and never returns into the caller's stack: every process
   ends in ``os._exit``; a failure is sent to the supervisor as a structured message;

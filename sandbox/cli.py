@@ -1,4 +1,6 @@
-"""``sandbox``: the command line. Single-threaded, so it forks boxes directly (DESIGN.md §2).
+"""``sandbox``: the command line. Single-threaded, so it forks boxes directly.
+
+Why only a single-threaded process may fork: docs/architecture.md, "Processes and threads".
 
 Exit codes (Docker's conventions): the program's own exit code; 128+N when it was killed by
 signal N (limits included); 125 for a sandbox or configuration error; 126 when the command cannot
@@ -71,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--profile", help="profile name or path (default: strict)")
     ex.add_argument("--image", metavar="REF", help="run on this image of the store")
-    ex.add_argument("--policy", help="policy file that selects the profile and sets ceilings")
+    ex.add_argument(
+        "--policy", help="policy file or name (default) that selects the profile, sets ceilings"
+    )
     for attribute in ("purpose", "language", "tenant"):
         ex.add_argument(f"--{attribute}", help="request attribute for the policy's rules")
     ex.add_argument(

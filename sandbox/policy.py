@@ -22,6 +22,10 @@ _TOP_KEYS = {"description", "default_profile", "rule", "ceilings", "allow"}
 _RULE_KEYS = {"name", "profile", *ATTRIBUTES}
 _ALLOW_KEYS = {"networks", "writable_binds", "binds"}
 _VALUE = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# Package data (sandbox/data/policies links to the repository's policies/), like the profiles.
+BUNDLED_POLICIES = Path(__file__).resolve().parent / "data" / "policies"
+POLICY_DIRS = (Path("/etc/sandbox/policies"), BUNDLED_POLICIES)
 
 
 @dataclass(frozen=True)
@@ -71,10 +75,31 @@ class Policy:
         return self.default_profile, "default_profile"
 
 
+def find_policy(name_or_path: str | Path) -> Path:
+    """A policy file as given (``./judge.toml``), or a name (``default``) looked up in
+    ``/etc/sandbox/policies``, then the policies bundled with the package."""
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or "/" in text or text.endswith(".toml"):
+        return Path(name_or_path)
+    if not _NAME.match(text):
+        raise ConfigError(text, None, "a policy name is lower-case letters, digits, - and _")
+    for directory in POLICY_DIRS:
+        candidate = directory / f"{text}.toml"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        text,
+        None,
+        "no such policy",
+        hint="policies are looked up in " + ", ".join(str(d) for d in POLICY_DIRS),
+    )
+
+
 def load_policy(path: str | Path) -> Policy:
-    """Read and validate one policy file."""
-    source = str(path)
-    raw = read_toml(Path(path))
+    """Read and validate one policy file, given by path or by name (see :func:`find_policy`)."""
+    found = find_policy(path)
+    source = str(found)
+    raw = read_toml(found)
     _known(raw, _TOP_KEYS, source, "")
     default = raw.get("default_profile")
     if default is not None and not isinstance(default, str):

@@ -39,7 +39,9 @@ from .units import parse_cpu_list, parse_duration, parse_size
 _T = TypeVar("_T")
 _E = TypeVar("_E", NetworkMode, SeccompAction, Fallback)
 
-BUNDLED_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+# Package data (sandbox/data/profiles links to the repository's profiles/): the same path in a
+# checkout, an editable install and an installed wheel.
+BUNDLED_PROFILES = Path(__file__).resolve().parent / "data" / "profiles"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")

@@ -84,7 +84,7 @@ class Report:
             return f"SIG{self.signal}"
 
     def cli_exit_code(self) -> int:
-        """The exit code ``sandbox exec`` ends with (Docker's conventions, DESIGN.md §7)."""
+        """The exit code ``sandbox exec`` ends with (docs/architecture.md, "Exit codes")."""
         if self.verdict is Verdict.SANDBOX_ERROR:
             return EXIT_SANDBOX_ERROR
         if self.signal is not None:

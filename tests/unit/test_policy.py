@@ -22,6 +22,20 @@ def test_default_policy_selects_compile_for_cpp_and_strict_for_runs():
         "strict", "default_profile")
 
 
+def test_a_policy_name_finds_the_bundled_file_and_paths_stay_paths(tmp_path, monkeypatch):
+    assert load_policy("default").source == str(ROOT / "sandbox" / "data" / "policies" /
+                                                 "default.toml")
+    assert Path(load_policy("default").source).resolve() == DEFAULT
+    with pytest.raises(ConfigError, match="no such policy") as info:
+        load_policy("nonesuch")
+    assert "/etc/sandbox/policies" in (info.value.hint or "")
+    with pytest.raises(ConfigError, match="lower-case"):
+        load_policy("Default")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"default\.toml"):
+        load_policy("default.toml")  # a file name is a path, relative to the current directory
+
+
 def test_boundary_values_do_not_match_by_prefix():
     policy = load_policy(DEFAULT)
     assert policy.select({"purpose": "compile", "language": "cpp2"})[0] == "strict"
