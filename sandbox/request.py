@@ -81,7 +81,7 @@ def check_bind_target(bind: Bind, key: str) -> None:
         raise ConfigError("request", key, f"expected an absolute target path, got {target!r}")
     if ".." in target.split("/"):
         raise ConfigError("request", key, f"the target must not contain '..', got {target!r}")
-    if _SYSTEM_DIR.match(os.path.normpath(target)):
+    if _SYSTEM_DIR.match("/" + os.path.normpath(target).lstrip("/")):  # POSIX keeps "//"
         raise ConfigError(
             "request",
             key,
