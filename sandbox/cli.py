@@ -1,9 +1,10 @@
 """``sandbox``: the command line. Single-threaded, so it forks boxes directly (DESIGN.md §2).
 
 Exit codes (Docker's conventions): the program's own exit code; 128+N when it was killed by
-signal N (limits included); 125 for a sandbox or configuration error; 126 when the command cannot
-be executed; 127 when it is not found. ``profile``/``policy``/``doctor`` exit 0 or 1, or 125 on
-error.
+signal N (limits included); 125 for a sandbox or configuration error (usage errors too); 126 when
+the command cannot be executed; 127 when it is not found. ``profile``/``policy``/``doctor`` exit
+0 or 1, or 125 on error. Any command exits 141 (SIGPIPE's) without a word when its own stdout or
+stderr is a pipe whose reader went away.
 """
 
 from __future__ import annotations
