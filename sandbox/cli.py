@@ -1,4 +1,4 @@
-"""``sandbox``: the command line. Single-threaded, so it forks boxes directly (DESIGN.md §2).
+"""``sandbox``: the command line. Single-threaded, so it forks boxes directly (no helper).
 
 Exit codes (Docker's conventions): the program's own exit code; 128+N when it was killed by
 signal N (limits included); 125 for a sandbox or configuration error (usage errors too); 126 when
@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import NoReturn
+from typing import ClassVar, NoReturn
 
 from .errors import EXIT_SANDBOX_ERROR, SandboxError
 from .spec import LIMIT_NAMES
@@ -63,10 +63,18 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is a configuration error like any other (exit 125, one line
     and a hint) instead of argparse's exit 2 with the whole usage."""
 
+    deepest: ClassVar[str] = "sandbox"  # the last (sub)command parsed, named in the hint
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        _Parser.deepest = self.prog
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
         from .errors import ConfigError
 
-        raise ConfigError("command line", None, message, hint=f"see '{self.prog} --help'")
+        raise ConfigError("command line", None, message, hint=f"see '{_Parser.deepest} --help'")
 
 
 def _add_log_options(parser: argparse.ArgumentParser, top: bool) -> None:

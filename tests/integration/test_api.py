@@ -119,9 +119,8 @@ def test_every_keyword_is_validated_up_front(kwargs, key, problem):
 def test_descriptors_must_be_open_the_right_way(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"")
-    with path.open("rb") as f:
-        with pytest.raises(sandbox.ConfigError, match="not open for writing"):
-            sandbox.run(["true"], stdout=f.fileno())
+    with path.open("rb") as f, pytest.raises(sandbox.ConfigError, match="not open for writing"):
+        sandbox.run(["true"], stdout=f.fileno())
     with path.open("wb") as f:
         with pytest.raises(sandbox.ConfigError, match="not open for reading"):
             sandbox.run(["true"], stdin=f.fileno())
