@@ -6,6 +6,8 @@ never forks. Sending a run to the helper takes a short lock; everything else run
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import pickle
 import socket
@@ -17,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import helper, logs
-from .errors import HostError, SandboxError
+from .errors import ConfigError, HostError, SandboxError
 from .group import GroupReport, load_group
 from .report import Report
 from .request import Request, resolve
@@ -74,12 +76,67 @@ _helper = _Helper()
 os.register_at_fork(after_in_child=_helper.reset_after_fork)
 
 
-def _as_bind(value: BindLike) -> Bind:
+def _as_bind(value: object, index: int) -> Bind:
     if isinstance(value, Bind):
         return value
-    if len(value) == 2:
-        return Bind(str(Path(value[0]).absolute()), value[1], False)
-    return Bind(str(Path(value[0]).absolute()), value[1], bool(value[2]))
+    if (
+        isinstance(value, tuple | list)
+        and len(value) in (2, 3)
+        and isinstance(value[0], str | os.PathLike)
+        and isinstance(value[1], str)
+        and (len(value) == 2 or isinstance(value[2], bool))
+    ):
+        writable = len(value) == 3 and bool(value[2])
+        return Bind(str(Path(value[0]).absolute()), value[1], writable)
+    raise ConfigError(
+        "request",
+        f"binds[{index}]",
+        f"expected a Bind or a (source, target[, writable]) tuple, got {value!r}",
+    )
+
+
+def _check_fd(value: object, key: str, *, write: bool) -> None:
+    """An open descriptor of this process, open for the direction the program uses."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError("request", key, f"expected a file descriptor (int >= 0), got {value!r}")
+    try:
+        mode = fcntl.fcntl(value, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError as e:
+        raise ConfigError("request", key, f"descriptor {value} is not open: {e.strerror}") from None
+    if mode == (os.O_RDONLY if write else os.O_WRONLY):
+        needed = "writing" if write else "reading"
+        raise ConfigError("request", key, f"descriptor {value} is not open for {needed}")
+
+
+def _check_keywords(
+    attributes: Mapping[str, object],
+    stdin: object,
+    outputs: Mapping[str, object],
+    binds: object,
+    env: object,
+) -> None:
+    """Each keyword's type and range, before anything is opened or sent."""
+    for key, value in attributes.items():
+        if not isinstance(value, str):
+            raise ConfigError("request", key, f"expected a string, got {value!r}")
+    if isinstance(stdin, int) and not isinstance(stdin, bool):
+        _check_fd(stdin, "stdin", write=False)
+    elif stdin is not None and not isinstance(stdin, bytes | bytearray | memoryview | str):
+        raise ConfigError(
+            "request", "stdin", f"expected bytes, str, a file descriptor or None, got {stdin!r}"
+        )
+    for key, value in outputs.items():
+        if value is not None:
+            _check_fd(value, key, write=True)
+    if isinstance(binds, str | bytes) or not isinstance(binds, Sequence):
+        raise ConfigError(
+            "request",
+            "binds",
+            f"expected a list of (source, target) tuples, got {binds!r}",
+            hint='binds=[("./src", "/box/src")]',
+        )
+    if env is not None and not isinstance(env, Mapping):
+        raise ConfigError("request", "env", f"expected a mapping of NAME to value, got {env!r}")
 
 
 def _stdin_fd(stdin: bytes | str | int | None) -> int:
@@ -142,6 +199,7 @@ def run(
         for k, v in (("purpose", purpose), ("language", language), ("tenant", tenant))
         if v is not None
     }
+    _check_keywords(attributes, stdin, {"stdout": stdout, "stderr": stderr}, binds, env)
     limits = {
         k: v
         for k, v in (
@@ -164,11 +222,11 @@ def run(
     }
     spec = resolve(
         Request(
-            argv=list(argv),
+            argv=argv,  # resolve refuses a string (which list() would split into letters)
             profile=profile,
             policy=policy,
             attributes=attributes,
-            binds=[_as_bind(b) for b in binds],
+            binds=[_as_bind(b, i) for i, b in enumerate(binds)],
             limits=limits,
             env=env or {},
             image=image,
@@ -208,11 +266,20 @@ def run_group(path: str | Path) -> GroupReport:
 def _call(request: helper.Request, fds: list[int]) -> tuple[object, list[int]]:
     """Send ``request`` with ``fds`` (which this closes) to the helper and wait for its answer
     (and the descriptors of captured output that come with it)."""
+    payload = pickle.dumps(request)
+    if len(payload) > helper.MAX_REQUEST:
+        for fd in fds:
+            os.close(fd)
+        raise _too_large(len(payload))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with ours:
             try:
-                _helper.submit(pickle.dumps(request), [theirs.fileno(), *fds])
+                _helper.submit(payload, [theirs.fileno(), *fds])
+            except OSError as e:
+                if e.errno == errno.EMSGSIZE:  # over the control socket's send buffer
+                    raise _too_large(len(payload)) from None
+                raise
             finally:
                 theirs.close()
                 for fd in fds:
@@ -228,3 +295,13 @@ def _call(request: helper.Request, fds: list[int]) -> tuple[object, list[int]]:
             os.close(fd)
         raise result
     return result, captures
+
+
+def _too_large(size: int) -> ConfigError:
+    return ConfigError(
+        "request",
+        "argv",
+        f"the run is too large to send to the box helper ({size} bytes with its command and "
+        "environment; the control socket takes about 200 KiB)",
+        hint="pass large data through stdin or a bound file",
+    )

@@ -1,11 +1,12 @@
-"""``sandbox``: the command line. Single-threaded, so it forks boxes directly.
+"""``sandbox``: the command line. Single-threaded, so it forks boxes directly (no helper).
 
 Why only a single-threaded process may fork: docs/architecture.md, "Processes and threads".
 
 Exit codes (Docker's conventions): the program's own exit code; 128+N when it was killed by
-signal N (limits included); 125 for a sandbox or configuration error; 126 when the command cannot
-be executed; 127 when it is not found. ``profile``/``policy``/``doctor`` exit 0 or 1, or 125 on
-error.
+signal N (limits included); 125 for a sandbox or configuration error (usage errors too); 126 when
+the command cannot be executed; 127 when it is not found. ``profile``/``policy``/``doctor`` exit
+0 or 1, or 125 on error. Any command exits 141 (SIGPIPE's) without a word when its own stdout or
+stderr is a pipe whose reader went away.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from typing import ClassVar, NoReturn
 
 from .errors import EXIT_SANDBOX_ERROR, SandboxError
 from .spec import LIMIT_NAMES
+
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 
 _LIMIT_FLAGS = {
     "wall_time": "--wall-time",
@@ -54,18 +59,49 @@ _LIMIT_HELP = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a configuration error like any other (exit 125, one line
+    and a hint) instead of argparse's exit 2 with the whole usage."""
+
+    deepest: ClassVar[str] = "sandbox"  # the last (sub)command parsed, named in the hint
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        _Parser.deepest = self.prog
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        from .errors import ConfigError
+
+        raise ConfigError("command line", None, message, hint=f"see '{_Parser.deepest} --help'")
+
+
+def _add_log_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """--log-format/--log-level on ``parser`` and, so they also work after a subcommand, on
+    every subcommand (without a default there: the top level's value stays unless given)."""
+    parser.add_argument(
+        "--log-format",
+        choices=("console", "json"),
+        default="console" if top else argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="warning" if top else argparse.SUPPRESS,
+        help="'info' shows one box_finished event per run",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                _add_log_options(child, False)
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="sandbox", description="Run untrusted programs safely.")
+    p = _Parser(prog="sandbox", description="Run untrusted programs safely.")
     p.add_argument("--version", action="version", version=f"sandbox {__version__}")
-    p.add_argument("--log-format", choices=("console", "json"), default="console")
-    p.add_argument(
-        "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        default="warning",
-        help="'info' shows one box_finished event per run",
-    )
     sub = p.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser(
@@ -123,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_image_parser(sub)
     sub.add_parser("doctor", help="which guarantees hold on this host")
+    _add_log_options(p, True)
     return p
 
 
@@ -260,30 +297,48 @@ def _profile(args: argparse.Namespace) -> int:
 def _policy(args: argparse.Namespace) -> int:
     from .policy import load_policy
     from .profiles import load_profile
-    from .request import clamp
+    from .request import clamp, format_limit
 
     policy = load_policy(args.file)
     if args.action == "check":
         print(f"{policy.source}: ok ({len(policy.rules)} rules)")
         return 0
-    name, why = policy.select(_attributes(args))
+    attributes = _attributes(args)
+    name, why = policy.select(attributes)
     profile = load_profile(name)
-    limits, notes = clamp(profile.limits, policy)
-    print(f"profile: {name} (matched by {why})")
+    limits, _ = clamp(profile.limits, policy)
+    ceilings = dict(policy.ceilings)
+    shown = ", ".join(f"{k}={v}" for k, v in attributes.items()) or "no attributes"
+    print(f"policy {policy.source}, request: {shown}")
+    if why == "default_profile":
+        print(f"no rule matches: the policy's default_profile, {name}")
+    else:
+        print(f"{why} matches: profile {name}")
     print(f"profile file: {profile.source}")
-    print("effective limits:")
+    print("effective limits (the profile's, capped by the policy's ceilings):")
+    width = max(len(n) for n in LIMIT_NAMES)
     for limit in LIMIT_NAMES:
-        print(f"  {limit}: {getattr(limits, limit)}")
-    for note in notes:
-        print(f"  clamped {note}")
+        value, asked = getattr(limits, limit), getattr(profile.limits, limit)
+        line = f"  {limit:<{width}}  {format_limit(limit, value)}"
+        if value != asked:
+            line += f"  (the profile asks {format_limit(limit, asked)}; ceilings.{limit})"
+        elif limit in ceilings:
+            line += f"  (ceiling {format_limit(limit, ceilings[limit])})"
+        print(line)
+    networks = ", ".join(n.value for n in policy.networks)
+    binds = "none" if not policy.binds else "read-write" if policy.writable_binds else "read-only"
+    print(f"networks allowed: {networks}; binds allowed: {binds}")
     return 0
 
 
 def console_main() -> None:
     """The console script: exit without tearing the interpreter down (15 ms per run saved)."""
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        code = _quiet_broken_pipe()
     os._exit(code)
 
 
@@ -313,6 +368,24 @@ def _group(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "exec":
+        return _exec(args)
+    if args.command == "profile":
+        return _profile(args)
+    if args.command == "policy":
+        return _policy(args)
+    if args.command == "group":
+        return _group(args)
+    if args.command == "image":
+        from .cli_image import run_image
+
+        return run_image(args)
+    from .doctor import run_doctor
+
+    return run_doctor()
+
+
 def _ensure_standard_fds() -> None:
     """Started with 0, 1 or 2 closed, the next descriptor opened (a pipe, the box's sync
     socket) would take that number and be handed to the program as its stdio: fill them."""
@@ -323,41 +396,58 @@ def _ensure_standard_fds() -> None:
             os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)  # takes this number
 
 
+def _broken_standard_stream() -> bool:
+    """Whether our stdout or stderr is a pipe nobody reads any more (``sandbox ... | head``):
+    poll(2) reports POLLERR for a pipe whose read end is closed."""
+    poller = select.poll()
+    for fd in (1, 2):
+        poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of our output went away: stop quietly, as a Unix filter killed by SIGPIPE
+    would (its exit status, 141), and let nothing more be written to the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sandbox`` console script; returns the exit code."""
     _ensure_standard_fds()
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.log_level in ("debug", "info"):
-        from . import logs
-
-        logs.configure(args.log_format, args.log_level)
     try:
-        if args.command == "exec":
-            return _exec(args)
-        if args.command == "profile":
-            return _profile(args)
-        if args.command == "policy":
-            return _policy(args)
-        if args.command == "group":
-            return _group(args)
-        if args.command == "image":
-            from .cli_image import run_image
+        args = _parser().parse_args(argv)
+        if args.log_level in ("debug", "info"):
+            from . import logs
 
-            return run_image(args)
-        from .doctor import run_doctor
-
-        return run_doctor()
+            logs.configure(args.log_format, args.log_level)
+        code = _dispatch(args)
+        sys.stdout.flush()  # here, so a closed pipe is seen as one (below)
+        return code
     except SandboxError as e:
-        print(f"sandbox: error: {e.message}", file=sys.stderr)
-        if e.hint:
-            print(f"sandbox: hint: {e.hint}", file=sys.stderr)
-        return EXIT_SANDBOX_ERROR
+        return _fail(f"error: {e.message}", e.hint)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # never a traceback for a user; SANDBOX_DEBUG=1 shows it
+        if isinstance(e, BrokenPipeError) and _broken_standard_stream():
+            return _quiet_broken_pipe()
         if os.environ.get("SANDBOX_DEBUG"):
             raise
-        print(f"sandbox: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        print("sandbox: hint: rerun with SANDBOX_DEBUG=1 and report the traceback", file=sys.stderr)
-        return EXIT_SANDBOX_ERROR
+        return _fail(
+            f"internal error: {type(e).__name__}: {e}",
+            "rerun with SANDBOX_DEBUG=1 and report the traceback",
+        )
+
+
+def _fail(message: str, hint: str | None) -> int:
+    """One line on stderr, plus a hint; exit 125."""
+    try:
+        print(f"sandbox: {message}", file=sys.stderr)
+        if hint:
+            print(f"sandbox: hint: {hint}", file=sys.stderr)
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+    return EXIT_SANDBOX_ERROR

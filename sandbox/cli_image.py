@@ -115,6 +115,8 @@ def run_image(args: argparse.Namespace) -> int:
     if command == "build":
         from .image.build import DEFAULT_FILE, Builder
 
+        for tag in args.tag:  # before the build, which may take minutes
+            _check_tag(tag)
         context = Path(args.context)
         buildfile = Path(args.file) if args.file else context / DEFAULT_FILE
         builder = Builder(
@@ -143,6 +145,8 @@ def run_image(args: argparse.Namespace) -> int:
     if command == "load":
         from .image.archive import load
 
+        if args.tag is not None:
+            _check_tag(args.tag)
         for image, tags in load(Path(args.input), store, args.tag):
             _out(f"loaded {image.digest} {' '.join(tags)}".rstrip())
         return 0
@@ -175,3 +179,11 @@ def _tag_name(ref: str) -> str:
         return "image:" + ref.split(":", 1)[1][:12]
     parsed = parse_reference(ref)
     return str(parsed.with_tag()) if not parsed.digest else f"{parsed.name}:latest"
+
+
+def _check_tag(tag: str) -> None:
+    """Refuse a name the store could not tag with (``-t``), as ``Store.tag`` would."""
+    from .image.reference import parse_reference
+
+    if parse_reference(tag).digest:
+        raise ImageError(f"cannot tag with a digest reference {tag!r}", hint="-t NAME[:TAG]")

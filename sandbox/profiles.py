@@ -34,7 +34,7 @@ from .spec import (
     SeccompPolicy,
     SeccompRule,
 )
-from .units import parse_cpu_list, parse_duration, parse_size
+from .units import format_size, parse_cpu_list, parse_duration, parse_size
 
 _T = TypeVar("_T")
 _E = TypeVar("_E", NetworkMode, SeccompAction, Fallback)
@@ -134,7 +134,10 @@ def _resolve_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(str(path), "extends", "expected a profile name or path")
     if len(seen) > 16:
         raise ConfigError(str(path), "extends", "inheritance is deeper than 16 profiles")
-    parent_path = find_profile(parent, relative_to=path.parent)
+    try:
+        parent_path = find_profile(parent, relative_to=path.parent)
+    except ConfigError as e:  # name the file that asked for the parent, not only the parent
+        raise ConfigError(str(path), "extends", f"{parent!r}: {e.problem}", hint=e.hint) from None
     return _merge(_resolve_raw(parent_path, (*seen, real)), raw)
 
 
@@ -371,6 +374,43 @@ class _Validator:
         return SeccompRule(syscalls, action, err, tuple(conditions))
 
 
+#: The smallest value of each size limit that is not surely a mistake: a box needs about a
+#: megabyte of memory to exec anything, a dynamic loader some stack, a tmpfs at least a page.
+SIZE_FLOORS = {
+    "memory": 1 << 20,
+    "stack": 64 << 10,
+    "tmp_size": 4 << 10,
+    "work_size": 4 << 10,
+    "root_size": 4 << 10,
+}
+#: The largest count the kernel accepts: PID_MAX_LIMIT (64-bit), and nr_open's default.
+COUNT_CEILINGS = {"pids": 1 << 22, "open_files": 1 << 20}
+_DIGITS = re.compile(r"^\s*\d+\s*$")
+
+
+def _size_limit(key: str, value: object) -> int:
+    size = parse_size(value)
+    floor = SIZE_FLOORS.get(key, 1)
+    if size >= floor:
+        return size
+    unitless = isinstance(value, int) or (isinstance(value, str) and _DIGITS.match(value))
+    shown = format_size(floor)
+    if unitless and size > 0:
+        raise ValueError(
+            f"{size} bytes is below the {shown} floor of this limit: did you mean {size}M?"
+        )
+    raise ValueError(f"expected a size of at least {shown}, got {value!r}")
+
+
+def _count_limit(key: str, value: object) -> int:
+    if isinstance(value, str) and _DIGITS.match(value):  # the command line gives strings
+        value = int(value)
+    ceiling = COUNT_CEILINGS[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= ceiling:
+        raise ValueError(f"expected a whole number > 0 and at most {ceiling}, got {value!r}")
+    return value
+
+
 def parse_limits(values: dict[str, Any], fail: Callable[[str, str], Exception]) -> dict[str, Any]:
     """Validate limit values from any source (profile, policy, CLI, API) into Limits units."""
     out: dict[str, Any] = {}
@@ -388,18 +428,14 @@ def parse_limits(values: dict[str, Any], fail: Callable[[str, str], Exception]) 
                 except (TypeError, ValueError):
                     quota = -1.0
                 if not 0.01 <= quota <= 4096:
-                    raise ValueError(f"expected a number of CPUs from 0.01, got {value!r}")
+                    raise ValueError(f"expected a number of CPUs from 0.01 to 4096, got {value!r}")
                 out[key] = quota
             elif key in DURATION_LIMITS:
                 out[key] = parse_duration(value)
             elif key in SIZE_LIMITS:
-                out[key] = parse_size(value)
-                if out[key] <= 0:
-                    raise ValueError("expected a size > 0")
+                out[key] = _size_limit(key, value)
             else:
-                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    raise ValueError(f"expected a whole number > 0, got {value!r}")
-                out[key] = value
+                out[key] = _count_limit(key, value)
         except ValueError as e:
             raise fail(key, str(e)) from None
     return out

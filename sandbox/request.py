@@ -7,7 +7,9 @@ the result.
 
 from __future__ import annotations
 
+import os
 import re
+import resource
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +18,30 @@ from typing import TYPE_CHECKING
 from .errors import ConfigError
 from .policy import Policy, load_policy
 from .profiles import load_profile, parse_limits
-from .spec import ABSENT_IS_TIGHTEST, Bind, ImageRoot, Limits, Spec
+from .spec import (
+    ABSENT_IS_TIGHTEST,
+    DURATION_LIMITS,
+    SIZE_LIMITS,
+    Bind,
+    ImageRoot,
+    Limits,
+    Spec,
+)
+from .units import format_cpu_list, format_duration, format_size
 
 if TYPE_CHECKING:
     from .image.oci import ImageConfig
 
 DEFAULT_PROFILE = "strict"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SYSTEM_DIR = re.compile(r"^/(|(usr|bin|sbin|lib[^/]*|etc)(/.*)?)$")
+#: The kernel's limits on execve's strings (linux/binfmts.h): MAX_ARG_STRLEN per string, and
+#: for all of them with their pointers a quarter of RLIMIT_STACK, at most 6 MiB, at least
+#: ARG_MAX (fs/exec.c, bprm_stack_limits). PATH_MAX is kept for the file name, copied too.
+MAX_ARG_STRLEN = 32 * 4096
+ARG_MAX = 128 << 10
+_ARGS_MOST = 6 << 20
+_PATH_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -41,12 +60,51 @@ class Request:
 
 def parse_bind(text: str, writable: bool) -> Bind:
     """``SRC:DST`` from the command line (SRC relative to the current directory)."""
+    flag = "--bind" if writable else "--ro-bind"
     source, sep, target = text.partition(":")
     if not sep or not source or not target:
+        raise ConfigError("request", flag, f"expected SRC:DST, got {text!r}")
+    bind = Bind(str(Path(source).absolute()), target, writable)
+    check_bind_target(bind, flag)
+    return bind
+
+
+def check_bind_target(bind: Bind, key: str) -> None:
+    """Refuse a target on or under the box's read-only system directories, before any setup.
+
+    The root, ``/usr`` (the host's, read-only) and its ``/bin``, ``/sbin``, ``/lib*`` links,
+    and the synthesized ``/etc`` make the box work: a bind there cannot make its mount point, or
+    it hides what every program needs. (``/proc`` and ``/dev`` are refused with the root plan.)
+    """
+    target = bind.target
+    if not isinstance(target, str) or not target.startswith("/") or "\0" in target:
+        raise ConfigError("request", key, f"expected an absolute target path, got {target!r}")
+    if ".." in target.split("/"):
+        raise ConfigError("request", key, f"the target must not contain '..', got {target!r}")
+    if _SYSTEM_DIR.match("/" + os.path.normpath(target).lstrip("/")):  # POSIX keeps "//"
         raise ConfigError(
-            "request", "--bind" if writable else "--ro-bind", f"expected SRC:DST, got {text!r}"
+            "request",
+            key,
+            f"{target} is on or under a read-only system directory of the box "
+            "(/, /usr, /bin, /sbin, /lib*, /etc)",
+            hint="bind under /box or /tmp, or to a new top-level directory such as /data",
         )
-    return Bind(str(Path(source).absolute()), target, writable)
+
+
+def format_limit(name: str, value: object) -> str:
+    """One limit's value as a person reads it: ``256M``, ``2.5s``, ``1.5 CPUs``, ``none``."""
+    if value is None:
+        return {"root_size": "none (read-only root)", "cpus": "all"}.get(name, "none")
+    if name in SIZE_LIMITS and isinstance(value, int):
+        text = format_size(value)
+        return text if not text.isdigit() else f"{text} bytes"
+    if name in DURATION_LIMITS and isinstance(value, int | float):
+        return format_duration(float(value))
+    if name == "cpu_quota":
+        return f"{value:g} CPUs" if isinstance(value, float) else str(value)
+    if name == "cpus" and isinstance(value, tuple):
+        return format_cpu_list(value)
+    return str(value)
 
 
 def clamp(limits: Limits, policy: Policy | None) -> tuple[Limits, tuple[str, ...]]:
@@ -61,14 +119,25 @@ def clamp(limits: Limits, policy: Policy | None) -> tuple[Limits, tuple[str, ...
             continue
         if value is None or value > ceiling:
             changes[name] = ceiling
-            notes.append(f"{name}: {value} -> {ceiling} ({policy.source}: ceilings.{name})")
+            notes.append(
+                f"{name}: {format_limit(name, value)} -> {format_limit(name, ceiling)} "
+                f"({policy.source}: ceilings.{name})"
+            )
     return limits.merged(**changes), tuple(notes)
 
 
 def resolve(request: Request) -> Spec:
     """Validate ``request`` and turn it into the frozen Spec of one run."""
+    _check_types(request)
     policy = load_policy(request.policy) if request.policy is not None else None
     attributes = dict(request.attributes)
+    if attributes and policy is None:
+        raise ConfigError(
+            "request",
+            ", ".join(attributes),
+            "purpose, language and tenant are a policy's inputs, and no policy is given",
+            hint="add --policy FILE (policy= in Python), or drop them",
+        )
     if policy is not None:
         chosen, _ = policy.select(attributes)
         if request.profile is not None and request.profile != chosen:
@@ -85,6 +154,8 @@ def resolve(request: Request) -> Spec:
     )
     limits, clamped = clamp(profile.limits.merged(**overrides), policy)
     binds = tuple(request.binds)
+    for bind in binds:
+        check_bind_target(bind, f"bind {bind.source}:{bind.target}")
     if policy is not None:
         if profile.network not in policy.networks:
             raise ConfigError(
@@ -103,7 +174,9 @@ def resolve(request: Request) -> Spec:
             )
     for key, value in request.env.items():
         if not _ENV_NAME.match(key) or not isinstance(value, str) or "\0" in value:
-            raise ConfigError("request", f"env.{key}", "expected NAME=value without NUL bytes")
+            raise ConfigError(
+                "request", f"env.{key}", "expected NAME=value strings without NUL bytes"
+            )
     argv = tuple(request.argv)
     env = tuple(request.env.items())
     image, cwd = None, None
@@ -117,6 +190,7 @@ def resolve(request: Request) -> Spec:
         cwd = config.workdir or None
     if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv) or not argv[0]:
         raise ConfigError("request", "argv", "expected a non-empty command without NUL bytes")
+    _check_exec_size(argv, dict(profile.env) | dict(env), limits.stack)
     return Spec(
         profile=profile,
         argv=argv,
@@ -136,3 +210,71 @@ def _image_root(reference: str) -> tuple[ImageRoot, ImageConfig]:
     image = store.image(reference)
     layers = store.layer_dirs(image)
     return ImageRoot(reference, image.digest, layers, str(store.root)), image.config
+
+
+def _check_types(request: Request) -> None:
+    """Every field's type, so a wrong one is a ConfigError naming it, never a TypeError."""
+    if isinstance(request.argv, str | bytes) or not isinstance(request.argv, Sequence):
+        raise ConfigError(
+            "request",
+            "argv",
+            f"expected a list of strings, got {type(request.argv).__name__} {request.argv!r}",
+            hint="a command is a list: ['ls', '-l'], not 'ls -l'",
+        )
+    if not all(isinstance(a, str) for a in request.argv):
+        raise ConfigError("request", "argv", "expected every argument to be a string")
+    for key, value in (("profile", request.profile), ("image", request.image)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError("request", key, f"expected a name or path string, got {value!r}")
+    if request.policy is not None and not isinstance(request.policy, str | os.PathLike):
+        raise ConfigError("request", "policy", f"expected a path, got {request.policy!r}")
+    if not isinstance(request.attributes, Mapping) or not all(
+        isinstance(v, str) for v in request.attributes.values()
+    ):
+        raise ConfigError("request", "attributes", "expected purpose/language/tenant strings")
+    if isinstance(request.binds, str | bytes) or not all(
+        isinstance(b, Bind) for b in request.binds
+    ):
+        raise ConfigError("request", "binds", "expected a list of binds")
+    if not isinstance(request.env, Mapping):
+        raise ConfigError(
+            "request", "env", f"expected a mapping of NAME to value, got {request.env!r}"
+        )
+    if not isinstance(request.limits, Mapping):
+        raise ConfigError("request", "limits", "expected a mapping of limit names to values")
+
+
+def _check_exec_size(argv: Sequence[str], env: Mapping[str, str], stack: int | None) -> None:
+    """execve would fail with E2BIG inside the box: refuse before it starts, saying why."""
+    strings = [*argv, *(f"{k}={v}" for k, v in env.items())]
+    total = 8 * len(strings) + _PATH_MAX
+    for index, text in enumerate(strings):
+        what = f"argv[{index}]" if index < len(argv) else f"env.{text.partition('=')[0]}"
+        try:
+            size = len(os.fsencode(text)) + 1
+        except UnicodeEncodeError as e:
+            raise ConfigError(
+                "request", what, f"cannot be encoded for execve: {e.reason}"
+            ) from None
+        if size > MAX_ARG_STRLEN:
+            raise ConfigError(
+                "request",
+                what,
+                f"{size} bytes is over the kernel's {MAX_ARG_STRLEN // 1024} KiB per string "
+                "(MAX_ARG_STRLEN)",
+                hint="pass large data through stdin or a bound file",
+            )
+        total += size
+    if stack is None:
+        stack = resource.getrlimit(resource.RLIMIT_STACK)[0]  # what the box inherits
+    most = max(
+        min(_ARGS_MOST, stack // 4 if stack != resource.RLIM_INFINITY else _ARGS_MOST), ARG_MAX
+    )
+    if total > most:
+        raise ConfigError(
+            "request",
+            "argv",
+            f"the command and environment take {total} bytes, over the kernel's {most} "
+            "(ARG_MAX: a quarter of the stack limit, at most 6 MiB)",
+            hint="pass large data through stdin or a bound file",
+        )

@@ -84,3 +84,10 @@ def format_size(value: int) -> str:
         if value and value % factor == 0:
             return f"{value // factor}{suffix}"
     return str(value)
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds the way a user would write them (``10s``, ``250ms``, ``1.5s``)."""
+    if 0 < seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"

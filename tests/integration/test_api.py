@@ -107,3 +107,56 @@ def test_captured_output_costs_the_caller_one_copy_of_it():
                          timeout=120).stdout.split()
     assert out[:2] == [str(size).encode(), b"False"]
     assert int(out[2]) < 1.5 * size
+
+
+@pytest.mark.parametrize(("kwargs", "key", "problem"), [
+    ({"argv": "ls"}, "argv", "expected a list of strings"),
+    ({"profile": 123}, "profile", "name or path"),
+    ({"binds": "/a:/b"}, "binds", "list of (source, target) tuples"),
+    ({"binds": [("/a",)]}, "binds[0]", "(source, target[, writable])"),
+    ({"binds": [("/tmp", "/usr/x")]}, "bind /tmp:/usr/x", "read-only system directory"),
+    ({"stdout": -1}, "stdout", "file descriptor"),
+    ({"stderr": 987}, "stderr", "not open"),
+    ({"stdout": True}, "stdout", "file descriptor"),
+    ({"stdin": 3.5}, "stdin", "expected bytes, str"),
+    ({"stdin": 987}, "stdin", "not open"),
+    ({"env": "A=1"}, "env", "mapping"),
+    ({"env": {"A": 1}}, "env.A", "strings"),
+    ({"purpose": 3}, "purpose", "a string"),
+    ({"purpose": "run"}, "purpose", "no policy is given"),
+    ({"policy": 3}, "policy", "a path"),
+    ({"memory": 256}, "memory", "did you mean 256M?"),
+    ({"pids": 0}, "pids", "> 0"),
+    ({"cpu_quota": "lots"}, "cpu_quota", "number of CPUs"),
+    ({"argv": ["echo", "x" * (128 << 10)]}, "argv[1]", "MAX_ARG_STRLEN"),
+])
+def test_every_keyword_is_validated_up_front(kwargs, key, problem):
+    argv = kwargs.pop("argv", ["true"])
+    with pytest.raises(sandbox.ConfigError) as info:
+        sandbox.run(argv, **kwargs)
+    assert info.value.key == key and problem in info.value.problem
+
+
+def test_descriptors_must_be_open_the_right_way(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    with path.open("rb") as f, pytest.raises(sandbox.ConfigError, match="not open for writing"):
+        sandbox.run(["true"], stdout=f.fileno())
+    with path.open("wb") as f:
+        with pytest.raises(sandbox.ConfigError, match="not open for reading"):
+            sandbox.run(["true"], stdin=f.fileno())
+        assert sandbox.run(["echo", "to file"], stdout=f.fileno()).ok
+    assert path.read_bytes() == b"to file\n"
+
+
+def test_counts_as_digit_strings_and_bind_lists_are_accepted(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    report = sandbox.run(["true"], pids="8", open_files="32", binds=[[str(tmp_path), "/box/t"]])
+    assert report.ok and report.limits["pids"].value == 8
+
+
+def test_a_run_too_large_for_the_helper_is_a_config_error():
+    argv = ["true", *(str(i) * 100_000 for i in range(4))]  # fits the kernel, not the socket
+    with pytest.raises(sandbox.ConfigError, match="too large to send to the box helper"):
+        sandbox.run(argv)
+    assert sandbox.run(["true"]).ok  # the helper is still there

@@ -164,7 +164,9 @@ def test_profile_show_check_list_and_policy_explain(tmp_path):
     explained = run_cli("policy", "explain", str(ROOT / "policies/default.toml"), "--purpose",
                         "compile", "--language", "c")
     assert explained.returncode == 0
-    assert b"profile: compile (matched by rule 'compile C and C++')" in explained.stdout
+    assert b"rule 'compile C and C++' matches: profile compile\n" in explained.stdout
+    checked = run_cli("policy", "check", str(ROOT / "policies/default.toml"))
+    assert checked.returncode == 0 and b": ok (" in checked.stdout
 
 
 def test_doctor_passes_on_this_host():
@@ -192,7 +194,7 @@ def test_python_dash_m_works():
 @pytest.mark.parametrize(("target", "message"), [
     ("/box/../etc", b"must not contain '..'"),
     ("/proc/x", b"outside /, /proc and /dev"),
-    ("/bin/zzz", b"/bin is a symlink in the image"),
+    ("/bin/zzz", b"read-only system directory"),
 ])
 def test_bind_targets_that_would_escape_or_shadow_are_refused(tmp_path, target, message):
     os.chmod(tmp_path, 0o755)
@@ -209,3 +211,194 @@ def test_closed_standard_descriptors_become_dev_null():
     script = f"exec 0<&-; {SANDBOX} exec -- readlink /proc/self/fd/0"
     result = subprocess.run(["sh", "-c", script], capture_output=True)
     assert result.returncode == 0 and result.stdout == b"/dev/null\n"
+
+
+POLICY_WITH_TENANT = """\
+default_profile = "strict"
+[[rule]]
+name = "acme compiles"
+tenant = "acme"
+profile = "compile"
+[ceilings]
+memory = "100M"
+"""
+
+# Every limit flag, a value, and what the report must show for it (--root-size: below).
+LIMIT_FLAGS = [
+    ("--wall-time", "3", "wall_time", 3.0), ("--cpu-time", "2", "cpu_time", 2.0),
+    ("--memory", "64M", "memory", 64 << 20), ("--pids", "8", "pids", 8),
+    ("--fsize", "1M", "fsize", 1 << 20), ("--open-files", "32", "open_files", 32),
+    ("--stack", "8M", "stack", 8 << 20), ("--output-limit", "1M", "output", 1 << 20),
+    ("--tmp-size", "2M", "tmp_size", 2 << 20), ("--work-size", "2M", "work_size", 2 << 20),
+    ("--extra-time", "200ms", "extra_time", 0.2), ("--cpu-quota", "1.5", "cpu_quota", 1.5),
+    ("--cpus", "0", "cpus", [0]),
+]
+
+
+def test_the_flag_table_covers_every_limit():
+    from sandbox.spec import LIMIT_NAMES
+
+    assert {name for _, _, name, _ in LIMIT_FLAGS} | {"root_size"} == set(LIMIT_NAMES)
+
+
+@pytest.mark.parametrize(("flag", "value", "name", "expected"), LIMIT_FLAGS,
+                         ids=[f for f, *_ in LIMIT_FLAGS])
+def test_every_limit_flag_works_from_the_command_line(tmp_path, flag, value, name, expected):
+    report = tmp_path / "r.json"
+    result = exec_(flag, value, "--", "true", report=report)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(report.read_text())["limits"][name]["value"] == expected
+
+
+def test_count_cpu_and_root_flags_take_effect_in_the_box():
+    result = exec_("--open-files", "32", "--stack", "8M", "--cpus", "0", "--root-size", "1M",
+                   "--", "sh", "-c", "ulimit -n; ulimit -s; nproc; echo w > /new && cat /new; "
+                   "head -c 8000000 /dev/zero > /big 2>/dev/null || echo full")
+    assert result.stdout == b"32\n8192\n1\nw\nfull\n", result.stderr
+
+
+def test_tenant_selects_by_policy_for_exec_and_explain(tmp_path):
+    policy = tmp_path / "p.toml"
+    policy.write_text(POLICY_WITH_TENANT)
+    report = tmp_path / "r.json"
+    result = exec_("--policy", str(policy), "--tenant", "acme", "--", "true", report=report)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(report.read_text())["profile"] == "compile"
+    assert b"clamped by policy: memory: 1G -> 100M" in result.stderr
+    explained = run_cli("policy", "explain", str(policy), "--tenant", "acme")
+    lines = explained.stdout.decode().splitlines()
+    assert explained.returncode == 0
+    assert lines[0] == f"policy {policy}, request: tenant=acme"
+    assert lines[1] == "rule 'acme compiles' matches: profile compile"
+    assert "  memory      100M  (the profile asks 1G; ceilings.memory)" in lines
+    assert "  wall_time   30s" in lines and "  cpus        all" in lines
+    assert "  root_size   none (read-only root)" in lines
+    other = run_cli("policy", "explain", str(policy), "--tenant", "other")
+    assert b"no rule matches: the policy's default_profile, strict\n" in other.stdout
+
+
+def test_request_attributes_without_a_policy_are_refused():
+    for attribute in ("--purpose", "--language", "--tenant"):
+        result = exec_(attribute, "x", "--", "true")
+        assert result.returncode == 125
+        assert b"no policy is given" in result.stderr and b"hint: add --policy" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "command"), [
+    (["exec", "--bogus", "--", "true"], "sandbox exec"), ([], "sandbox"),
+    (["exec", "--log-level", "loud", "--", "true"], "sandbox exec"),
+    (["profile"], "sandbox profile"), (["image", "save", "x"], "sandbox image save"),
+    (["policy", "explain"], "sandbox policy explain"),
+])
+def test_usage_errors_exit_125_with_one_line_and_a_hint(args, command):
+    result = run_cli(*args)
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == 125, result
+    assert len(lines) == 2 and lines[0].startswith("sandbox: error: command line: ")
+    assert lines[1] == f"sandbox: hint: see '{command} --help'"
+
+
+def test_version_and_help_still_exit_0():
+    assert run_cli("--version").stdout.startswith(b"sandbox ")
+    assert run_cli("exec", "--help").returncode == 0
+
+
+def test_log_options_work_after_the_subcommand():
+    result = run_cli("exec", "--log-format", "json", "--log-level", "info", "--", "true")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stderr)["event"] == "box_finished"
+    nested = run_cli("profile", "list", "--log-level", "debug")
+    assert nested.returncode == 0 and b"strict" in nested.stdout
+
+
+@pytest.mark.parametrize("args", [["profile", "show", "strict"], ["profile", "list"],
+                                  ["policy", "explain", str(ROOT / "policies/default.toml")],
+                                  ["image", "ls"]])
+def test_a_closed_output_pipe_ends_the_cli_quietly(args):
+    import subprocess
+
+    from tests.conftest import SANDBOX
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `sandbox ... | head` after head exited
+    try:
+        result = subprocess.run([SANDBOX, *args], stdout=write_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and result.stderr == b""
+
+
+@pytest.mark.parametrize("target", ["/", "/usr", "/usr/local/x", "/usr/share/doc", "/bin",
+                                    "/sbin/x", "/lib", "/lib64/x", "/etc", "/etc/passwd"])
+def test_binds_onto_read_only_system_dirs_are_refused_up_front(tmp_path, target):
+    os.chmod(tmp_path, 0o755)
+    result = exec_("--ro-bind", f"{tmp_path}:{target}", "--", "true")
+    assert result.returncode == 125
+    assert b"read-only system directory" in result.stderr
+    assert b"hint: bind under /box or /tmp" in result.stderr
+
+
+@pytest.mark.parametrize("target", ["/data", "/opt/x", "/usrlocal", "/etcetera", "/tmp/x"])
+def test_binds_next_to_system_dirs_still_work(tmp_path, target):
+    (tmp_path / "f").write_text("seen\n")
+    os.chmod(tmp_path, 0o755)
+    result = exec_("--ro-bind", f"{tmp_path}:{target}", "--", "cat", f"{target}/f")
+    assert result.stdout == b"seen\n", result.stderr
+
+
+def test_a_size_without_a_unit_that_is_surely_bytes_is_refused():
+    result = exec_("--memory", "256", "--", "true")
+    assert result.returncode == 125 and b"did you mean 256M?" in result.stderr
+    assert exec_("--memory", "256M", "--", "true").returncode == 0
+
+
+def test_arguments_over_the_kernel_limit_are_refused_and_large_ones_pass():
+    many = [str(i) * 100_000 for i in range(3)]  # 300 KB: over a quarter of a 1M stack
+    refused = exec_("--stack", "1M", "--", "sh", "-c", "echo $#", "sh", *many)
+    assert refused.returncode == 125 and b"ARG_MAX" in refused.stderr
+    result = exec_("--stack", "8M", "--", "sh", "-c", "echo $#", "sh", *many)
+    assert result.stdout == b"3\n", result.stderr
+
+
+def test_image_flags_build_ls_tag_rm(tmp_path):
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (tmp_path / "Buildfile").write_text("FROM scratch\nBUNDLE /bin/sh\nCMD [\"/bin/sh\"]\n")
+    built = run_cli("image", "build", "-f", str(tmp_path / "Buildfile"), "-t", "cli/flags:1",
+                    str(context), timeout=300)
+    assert built.returncode == 0, built.stderr
+    tagged = run_cli("image", "tag", "cli/flags:1", "cli/flags:2")
+    assert tagged.returncode == 0 and tagged.stdout == b"tagged cli/flags:2\n"
+    listed = run_cli("image", "ls").stdout.decode().splitlines()
+    assert listed[0].split() == ["NAME", "DIGEST", "LAYERS", "SIZE"]
+    assert {line.split()[0] for line in listed[1:]} >= {"cli/flags:1", "cli/flags:2"}
+    assert run_cli("image", "rm", "cli/flags:2").returncode == 0
+    assert "cli/flags:2" not in run_cli("image", "ls").stdout.decode()
+
+
+def test_an_image_tag_is_checked_before_the_build_runs(tmp_path):
+    result = run_cli("image", "build", "-t", "Bad:Tag!", str(tmp_path / "no-context"))
+    assert result.returncode == 125 and b"bad tag 'Tag!'" in result.stderr
+    digest = run_cli("image", "load", "-i", str(tmp_path / "none"), "-t", "a@sha256:" + "0" * 64)
+    assert digest.returncode == 125 and b"cannot tag with a digest" in digest.stderr
+
+
+def test_every_option_of_every_subcommand_is_used_by_a_test():
+    import argparse
+
+    from sandbox.cli import _parser
+
+    sources = "".join(p.read_text() for p in (ROOT / "tests").rglob("*.py"))
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in dict.fromkeys(action.choices.values()):
+                    walk(child)
+            elif action.option_strings and action.dest != "help" and not any(
+                    f'"{o}"' in sources for o in action.option_strings):
+                missing.append(f"{parser.prog} {action.option_strings[0]}")
+
+    walk(_parser())
+    assert not missing

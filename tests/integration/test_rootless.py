@@ -125,7 +125,7 @@ def test_rootless_plants_are_refused_and_bind_sources_are_the_checked_inode(as_n
 
 
 def test_rootless_box_takes_only_its_share_of_the_callers_counters(as_nobody, cprog):
-    run, profile = as_nobody
+    _, profile = as_nobody
     home = profile.parent
     tools = home / "tools"
     tools.mkdir()

@@ -107,3 +107,84 @@ def test_bad_request_limits_name_the_limit():
     with pytest.raises(ConfigError) as info:
         resolve(Request(argv=["true"], limits={"memory": "-5"}))
     assert info.value.key == "memory"
+
+
+def test_clamp_notes_show_units(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('default_profile = "strict"\n[ceilings]\nmemory = "100M"\nwall_time = 2\n')
+    spec = resolve(Request(argv=["true"], policy=path))
+    assert f"memory: 256M -> 100M ({path}: ceilings.memory)" in spec.clamped
+    assert f"wall_time: 10s -> 2s ({path}: ceilings.wall_time)" in spec.clamped
+
+
+@pytest.mark.parametrize("attributes", [{"purpose": "run"}, {"language": "c"}, {"tenant": "t"}])
+def test_attributes_without_a_policy_are_refused(attributes):
+    with pytest.raises(ConfigError, match="no policy is given"):
+        resolve(Request(argv=["true"], attributes=attributes))
+
+
+@pytest.mark.parametrize(("field", "value", "problem"), [
+    ("argv", "ls -l", "expected a list of strings"), ("argv", [b"ls"], "to be a string"),
+    ("profile", 123, "name or path"), ("image", ["x"], "name or path"), ("policy", 1, "a path"),
+    ("binds", "/a:/b", "list of binds"), ("env", ["A=1"], "mapping"), ("limits", 3, "mapping"),
+    ("env", {"A": 1}, "strings"),
+])
+def test_request_fields_of_the_wrong_type_are_config_errors(field, value, problem):
+    request = Request(argv=["true"], **{field: value}) if field != "argv" else Request(argv=value)
+    with pytest.raises(ConfigError, match=problem):
+        resolve(request)
+
+
+@pytest.mark.parametrize(("target", "refused"), [
+    ("/", True), ("/usr", True), ("/usr/lib/x", True), ("/bin", True), ("/sbin/x", True),
+    ("/lib", True), ("/lib64", True), ("/libx32/y", True), ("/etc", True), ("/etc/ssl/x", True),
+    ("//usr/x", True), ("/usr/", True), ("/box/x", False), ("/data", False), ("/usrx", False),
+    ("/etcetera/x", False), ("/tmp/usr", False), ("/opt", False),
+])
+def test_binds_onto_system_dirs_are_refused_by_resolve(target, refused):
+    request = Request(argv=["true"], binds=[Bind("/tmp", target)])
+    if refused:
+        with pytest.raises(ConfigError, match="read-only system directory") as info:
+            resolve(request)
+        assert "/box" in (info.value.hint or "")
+    else:
+        assert resolve(request).binds == (Bind("/tmp", target),)
+
+
+def _execs(argv: list[str], stack: int) -> bool:
+    import errno
+    import resource
+    import subprocess
+
+    def limit_stack() -> None:
+        resource.setrlimit(resource.RLIMIT_STACK, (stack, stack))
+
+    try:
+        subprocess.run(argv, env={}, preexec_fn=limit_stack, check=True)
+    except OSError as e:
+        assert e.errno == errno.E2BIG
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("total", "fits"), [(1_950_000, True), (2_150_000, False)])
+def test_the_exec_size_check_agrees_with_the_kernel(total, fits):
+    argv = ["/bin/true", *(str(i % 10) * 99_999 + "x" for i in range(total // 100_000))]
+    request = Request(argv=argv, limits={"stack": "8M"})  # the kernel's limit: 2 MiB
+    assert _execs(argv, 8 << 20) is fits  # the control: the kernel itself, no sandbox
+    if fits:
+        resolve(request)
+    else:
+        with pytest.raises(ConfigError, match="ARG_MAX"):
+            resolve(request)
+
+
+def test_one_string_over_max_arg_strlen_is_refused():
+    with pytest.raises(ConfigError, match="MAX_ARG_STRLEN") as info:
+        resolve(Request(argv=["echo", "x" * (128 << 10)]))
+    assert info.value.key == "argv[1]"
+    with pytest.raises(ConfigError, match="MAX_ARG_STRLEN") as info:
+        resolve(Request(argv=["true"], env={"BIG": "x" * (128 << 10)}))
+    assert info.value.key == "env.BIG"
+    assert _execs(["/bin/true", "x" * (128 << 10)], 8 << 20) is False  # the kernel agrees
+    resolve(Request(argv=["echo", "x" * ((128 << 10) - 1)]))

@@ -87,3 +87,35 @@ def test_seccomp_rules_keep_actions_and_errnos(tmp_path):
     rules = load_profile(path).seccomp.rules
     assert rules[0].action is SeccompAction.ALLOW and "brk" in rules[0].syscalls
     assert rules[1].syscalls == ("uname",) and rules[1].errno == 1
+
+
+def test_a_missing_parent_names_the_file_and_its_extends_key(tmp_path):
+    path = write(tmp_path, "child", 'extends = "no-such-parent"\n')
+    with pytest.raises(ConfigError) as info:
+        load_profile(path)
+    assert (info.value.source, info.value.key) == (str(tmp_path / "child.toml"), "extends")
+    assert "'no-such-parent': no such profile" in info.value.problem
+    assert "profiles" in (info.value.hint or "")
+
+
+@pytest.mark.parametrize(("limit", "value", "problem"), [
+    ("memory", 256, "did you mean 256M?"), ("memory", "256", "did you mean 256M?"),
+    ("memory", "512K", "at least 1M"), ("stack", 4096, "did you mean 4096M?"),
+    ("tmp_size", "1K", "at least 4K"), ("work_size", 100, "did you mean 100M?"),
+    ("root_size", "2K", "at least 4K"), ("pids", "0", "> 0"), ("pids", 1 << 23, "at most"),
+    ("open_files", "many", "whole number"), ("cpu_quota", "nan", "0.01 to 4096"),
+])
+def test_sizes_below_their_floor_and_bad_counts_are_refused(tmp_path, limit, value, problem):
+    text = f'"{value}"' if isinstance(value, str) else str(value)
+    path = write(tmp_path, "p", f"[limits]\nwall_time = 1\n{limit} = {text}\n")
+    with pytest.raises(ConfigError) as info:
+        load_profile(path)
+    assert info.value.key == f"limits.{limit}" and problem in info.value.problem
+
+
+def test_floors_and_counts_accept_the_smallest_sensible_values(tmp_path):
+    path = write(tmp_path, "p", '[limits]\nwall_time = 1\nmemory = "1M"\nstack = "64K"\n'
+                 'tmp_size = 4096\nfsize = 1\noutput = 1\npids = "16"\nopen_files = 1048576\n')
+    limits = load_profile(path).limits
+    assert (limits.memory, limits.stack, limits.tmp_size) == (1 << 20, 64 << 10, 4096)
+    assert (limits.fsize, limits.output, limits.pids, limits.open_files) == (1, 1, 16, 1 << 20)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sandbox.units import format_size, parse_duration, parse_size
+from sandbox.units import format_duration, format_size, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -36,3 +36,23 @@ def test_bad_durations_are_refused(bad):
 def test_format_size_round_trips():
     for value in (1 << 30, 64 << 20, 4096, 1000):
         assert parse_size(format_size(value)) == value
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(10.0, "10s"), (0.25, "250ms"), (1.5, "1.5s"),
+                                               (0.0, "0s"), (60, "60s")])
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text
+    if seconds:
+        assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(("name", "value", "text"), [
+    ("memory", 256 << 20, "256M"), ("fsize", 1000, "1000 bytes"), ("wall_time", 2.5, "2.5s"),
+    ("extra_time", 0.0, "0s"), ("cpu_quota", 1.5, "1.5 CPUs"), ("cpus", (0, 1, 2, 5), "0-2,5"),
+    ("cpus", None, "all"), ("root_size", None, "none (read-only root)"), ("pids", 16, "16"),
+    ("cpu_time", None, "none"),
+])
+def test_limits_are_shown_with_their_units(name, value, text):
+    from sandbox.request import format_limit
+
+    assert format_limit(name, value) == text
