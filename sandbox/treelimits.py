@@ -39,7 +39,7 @@ MEMORY_MECHANISM = (
 #: Memory sampling interval while the box uses CPU, and the longest one once it is idle:
 #: memory only grows while the box runs (its page faults are its own CPU time).
 ACTIVE_INTERVAL = 0.005
-IDLE_INTERVAL = 0.05
+IDLE_INTERVAL = 0.1
 #: The shortest wait before the next CPU check (stat's figures move in clock ticks anyway).
 MIN_CPU_WAIT = 0.002
 _TICK = os.sysconf("SC_CLK_TCK")
