@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import kernel, protocol
+from . import kernel, protocol, treelimits
 from .kernel import KernelOps
 from .rootfs import RootPlan, build_root
 from .spec import NetworkMode
@@ -69,6 +69,7 @@ class ChildPlan:
     supervisor_pid: int
     root_ready: tuple[int, int]  # pipe: init writes one byte when the root is built
     cgroup_entry: tuple[int, ...]  # files that move their writer into the box cgroup
+    tree_limits: treelimits.TreeLimits | None = None  # no cgroup: init enforces CPU and memory
 
 
 class PhaseError(Exception):
@@ -412,9 +413,21 @@ def _init(k: KernelOps, plan: ChildPlan) -> int:
     # pid 1 ignores signals it has no handler for, sent from inside its namespace; drop the
     # handlers Python installed so the program cannot make init raise (pid_namespaces(7)).
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    watch = treelimits.TreeWatch(plan.tree_limits) if plan.tree_limits is not None else None
     while True:
-        pid, status, usage = os.wait4(-1, 0)
+        if watch is None:
+            pid, status, usage = os.wait4(-1, 0)
+        else:
+            fired, reaped = watch.step()
+            if fired is not None:
+                protocol.send(plan.sync, protocol.TREE, (), limit=fired, **watch.figures())
+            if reaped is None:
+                continue
+            pid, status, usage = reaped
         if pid == program:
+            if watch is not None:  # the program's process is reaped: its CPU is init's now
+                watch.sample()
+                protocol.send(plan.sync, protocol.TREE, (), limit="", **watch.figures())
             protocol.send(
                 plan.sync,
                 protocol.EXITED,

@@ -20,6 +20,10 @@ EXEC = "exec"  # execve is next; may carry the seccomp listener fd
 SETUP_ERROR = "error"  # a phase failed: phase, op, errno, detail
 EXEC_ERROR = "exec_error"  # execve failed: errno
 EXITED = "exit"  # the program's wait status, from the box's init
+# Without cgroups, from the box's init (sandbox/treelimits.py): the whole tree's CPU and memory
+# as last sampled, when a limit fired (``limit`` is "cpu_time" or "memory") and, with ``limit``
+# "", once more right before ``exit``. ``at`` is the sample's CLOCK_MONOTONIC in ns.
+TREE = "tree"
 # Supervisor -> child.
 GO = "go"
 
@@ -29,6 +33,7 @@ _FIELDS: dict[str, dict[str, type]] = {
     SETUP_ERROR: {"phase": str, "op": str, "errno": int, "detail": str},
     EXEC_ERROR: {"errno": int},
     EXITED: {"status": int, "at": int, "utime_us": int, "stime_us": int, "maxrss_kb": int},
+    TREE: {"limit": str, "at": int, "user_us": int, "system_us": int, "memory_peak": int},
     GO: {},
 }
 MAX_MESSAGE = 4096

@@ -20,7 +20,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from . import cgroups, child, protocol, seccomp, streams, userns
+from . import cgroups, child, protocol, seccomp, streams, treelimits, userns
 from .errors import ConfigError, HostError
 from .hostinfo import host_facts
 from .image.lock import hold_store
@@ -63,6 +63,7 @@ class _Run:
     cpu_baseline: float = 0.0
     status: int | None = None
     program_usage: tuple[float, float, int] | None = None  # utime, stime, max RSS (bytes)
+    tree_usage: tuple[float, float, int] | None = None  # no cgroup: user, system, memory peak
     setup_error: str | None = None
     exec_errno: int | None = None
     killed_for: str | None = None
@@ -108,10 +109,17 @@ def _rlimits(limits: Limits, fallback: bool) -> tuple[tuple[tuple[int, int], ...
             table.append((which, int(value)))
             mechanisms[name] = f"RLIMIT_{resource_name(which)}"
     if limits.cpu_time is not None:
-        # Whole seconds only: a backstop for the cgroup figure, or the limit itself without one.
-        grace = limits.extra_time + (0 if fallback else 1)
-        table.append((resource.RLIMIT_CPU, math.ceil(limits.cpu_time + grace)))
+        # Whole seconds only: a per-process backstop for the cgroup's or the box init's figure.
+        table.append((resource.RLIMIT_CPU, math.ceil(limits.cpu_time + limits.extra_time + 1)))
     return tuple(table), mechanisms
+
+
+def _tree_limits(limits: Limits, fallback: bool) -> treelimits.TreeLimits | None:
+    """Without a cgroup, the CPU and memory limits the box's init enforces on the whole tree."""
+    if not fallback or (limits.cpu_time is None and limits.memory is None):
+        return None
+    cpu = None if limits.cpu_time is None else limits.cpu_time + limits.extra_time
+    return treelimits.TreeLimits(cpu_time=cpu, memory=limits.memory)
 
 
 def resource_name(which: int) -> str:
@@ -224,6 +232,7 @@ def run_box(
             supervisor_pid=os.getpid(),
             root_ready=root_ready,
             cgroup_entry=entry,
+            tree_limits=_tree_limits(limits, isinstance(backend, HostError)),
         )
         try:
             pid = child.start(Kernel(), plan)
@@ -253,6 +262,8 @@ def _account(
     """Read the box's figures (before its cgroup is removed) and decide the verdict."""
     utime, stime, max_rss = run.program_usage or (usage.ru_utime, usage.ru_stime, None)
     cpu_user, cpu_system = utime, stime
+    if run.tree_usage is not None:  # no cgroup: the box init's figure for the whole tree
+        cpu_user, cpu_system = run.tree_usage[:2]
     if box is not None:
         cg = box.cpu_usage()
         total = max(cg.total - run.cpu_baseline, 0.0)
@@ -286,7 +297,7 @@ def _account(
         cpu_user=round(cpu_user, 6),
         cpu_system=round(cpu_system, 6),
         wall_time=round(wall, 6),
-        memory_peak=box.memory_peak() if box else None,
+        memory_peak=box.memory_peak() if box else _tree_memory_peak(spec, run),
         max_rss=max_rss,
         pids_peak=box.pids_peak() if box else None,
         oom_killed=oom,
@@ -311,6 +322,13 @@ def _account(
     )
 
 
+def _tree_memory_peak(spec: Spec, run: _Run) -> int | None:
+    """The box init's highest sampled memory, where it sampled memory (a memory limit)."""
+    if run.tree_usage is None or spec.limits.memory is None:
+        return None
+    return run.tree_usage[2]
+
+
 def _applied_limits(limits: Limits, cg: str, rl: dict[str, str]) -> dict[str, AppliedLimit]:
     cg_mech = {
         "cgroup1": (
@@ -327,7 +345,13 @@ def _applied_limits(limits: Limits, cg: str, rl: dict[str, str]) -> dict[str, Ap
             "cgroup2 cpu.max",
             "cgroup2 cpuset.cpus",
         ),
-        "none": (rl.get("memory", "none"), rl.get("pids", "none"), "RLIMIT_CPU", "none", "none"),
+        "none": (
+            treelimits.MEMORY_MECHANISM if "memory" in rl else "none",
+            rl.get("pids", "none"),
+            treelimits.CPU_MECHANISM,
+            "none",
+            "none",
+        ),
     }[cg]
     mech = {
         "wall_time": "supervisor deadline",
@@ -519,6 +543,17 @@ class _Supervisor:
             run.setup_error = f"box setup failed in phase {f['phase']}: {f['op']}: {reason}"
         elif msg.kind == protocol.EXEC_ERROR:
             run.exec_errno = int(f["errno"])
+        elif msg.kind == protocol.TREE:
+            run.tree_usage = (
+                int(f["user_us"]) / 1e6,
+                int(f["system_us"]) / 1e6,
+                int(f["memory_peak"]),
+            )
+            limit = str(f["limit"])
+            if limit in ("cpu_time", "memory") and run.killed_for is None:
+                # Init has killed the tree already; the box ends with it as it ends for ours.
+                run.killed_for, run.killed_at = limit, int(f["at"]) / 1e9
+                self._kill(limit)
         elif msg.kind == protocol.EXITED:
             run.status = int(f["status"])
             run.exited_at = int(f["at"]) / 1e9

@@ -1,6 +1,8 @@
 """Rootless use: the same CLI as an unprivileged user (uid 65534) via setpriv."""
 
+import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.spec import Limits
 from tests.conftest import ROOT
 
 NOBODY = 65534
@@ -147,3 +150,93 @@ def test_rootless_box_takes_only_its_share_of_the_callers_counters(as_nobody, cp
     finally:
         holder.kill()
         holder.wait()
+
+
+# Children that each stay under the per-process limits but together pass the tree's: 12 x 240
+# MiB under memory = 256M, and 4 x 0.6 s of CPU under cpu_time = 1 s. Each prints "escaped"
+# only once the whole tree has passed the limit (every child holding its memory at once).
+SPREAD_MEMORY = """
+import os
+ready_r, ready_w = os.pipe()
+hold_r, hold_w = os.pipe()
+for _ in range(12):
+    if os.fork() == 0:
+        block = bytearray(240 << 20)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        os.write(ready_w, b"1")
+        os.read(hold_r, 1)
+        os._exit(0)
+got = b""
+while len(got) < 12:
+    got += os.read(ready_r, 12)
+print("escaped", flush=True)
+os.write(hold_w, b"x" * 12)
+for _ in range(12):
+    os.wait()
+"""
+SPREAD_CPU = """
+import os, resource, time
+for _ in range(4):
+    if os.fork() == 0:
+        while time.process_time() < 0.6:
+            pass
+        os._exit(0)
+for _ in range(4):
+    os.wait()
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print("escaped", usage.ru_utime + usage.ru_stime, flush=True)
+"""
+
+
+def _per_process_only(limits):
+    """prlimit arguments for exactly the rlimits the fallback gives the program."""
+    from sandbox.supervisor import _rlimits
+    names = {resource.RLIMIT_AS: "as", resource.RLIMIT_NPROC: "nproc", resource.RLIMIT_CPU: "cpu",
+             resource.RLIMIT_CORE: "core", resource.RLIMIT_FSIZE: "fsize",
+             resource.RLIMIT_NOFILE: "nofile", resource.RLIMIT_STACK: "stack"}
+    table, _ = _rlimits(limits, True)
+    return [f"--{names[which]}={value}" for which, value in table]
+
+
+def _as_nobody_plain(args, limits):
+    """The control: the same program as the same user with the same rlimits, no box."""
+    return subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "prlimit",
+         *_per_process_only(limits), *args], capture_output=True, timeout=120, cwd="/tmp")
+
+
+def _report(run, profile, *args):
+    report = profile.parent / "report.json"
+    result = run("exec", "--profile", str(profile), "--report", str(report), *args)
+    return result, json.loads(report.read_text())
+
+
+def test_rootless_memory_spread_over_processes_is_limited_for_the_tree(as_nobody):
+    run, profile = as_nobody
+    limits = Limits(memory=256 << 20, pids=16, cpu_time=5.0)
+    control = _as_nobody_plain(["python3", "-c", SPREAD_MEMORY], limits)
+    assert control.stdout == b"escaped\n", control.stderr  # RLIMIT_AS alone: 2.8 GiB in all
+    result, report = _report(run, profile, "--", "python3", "-c", SPREAD_MEMORY)
+    assert result.returncode == 137, result.stderr
+    assert b"escaped" not in result.stdout
+    assert (report["verdict"], report["limit_fired"]) == ("memory_limit", "memory")
+    assert report["cgroup"] == "none"
+    assert report["limits"]["memory"]["mechanism"].startswith("box init sampling /proc")
+    assert 256 << 20 < report["memory_peak"] < 2 * (256 << 20)
+
+
+def test_rootless_cpu_spread_over_children_is_limited_for_the_tree(as_nobody):
+    run, profile = as_nobody
+    limits = Limits(cpu_time=1.0, memory=256 << 20, pids=16)
+    control = _as_nobody_plain(["python3", "-c", SPREAD_CPU], limits)
+    assert control.stdout.startswith(b"escaped"), control.stderr
+    assert float(control.stdout.split()[1]) > 2.0  # RLIMIT_CPU alone: 2.4 s in all
+    result, report = _report(run, profile, "--cpu-time", "1", "--", "python3", "-c", SPREAD_CPU)
+    assert result.returncode == 137, result.stderr
+    assert b"escaped" not in result.stdout
+    assert (report["verdict"], report["limit_fired"]) == ("cpu_time_limit", "cpu_time")
+    assert report["limits"]["cpu_time"]["mechanism"].startswith("box init sampling /proc")
+    # Killed in time: at most a few clock ticks per process and one check late.
+    assert 1.0 <= report["cpu_time"] < 1.15
+

@@ -12,6 +12,7 @@ from sandbox import protocol
     (protocol.EXITED, {"status": 9, "at": 1, "utime_us": 2, "stime_us": 3, "maxrss_kb": 4}),
     (protocol.SETUP_ERROR, {"phase": "p", "op": "o", "errno": 1, "detail": ""}),
     (protocol.EXEC_ERROR, {"errno": 2}),
+    (protocol.TREE, {"limit": "memory", "at": 1, "user_us": 2, "system_us": 3, "memory_peak": 4}),
 ])
 def test_round_trip(kind, fields):
     assert protocol.decode(protocol.encode(kind, **fields)) == protocol.Message(kind, fields)
