@@ -376,7 +376,7 @@ def _private_dir(path: Path, is_root: bool) -> None:
             raise HostError(f"image store: {path} is owned by uid {st.st_uid}, not by us")
         if created or not is_root:
             if stat.S_IMODE(st.st_mode) != 0o700:
-                os.fchmod(fd, 0o700)  # the umask, or a store of an earlier version
+                os.fchmod(fd, 0o700)  # a umask narrowed it, or an earlier version left it open
         elif st.st_mode & 0o077:
             raise HostError(
                 f"image store {path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}):"
