@@ -33,7 +33,7 @@ def add_image_parser(sub: Any) -> None:
     )
     build.add_argument(
         "--root-size",
-        help="what one RUN step may write (default: the run profile's root_size, else 2G)",
+        help="what one RUN step may write (default: the run profile's root_size, else 1G)",
     )
     build.add_argument("context", help="directory COPY reads from")
     save = isub.add_parser("save", help="write images as an OCI layout or a docker archive")

@@ -72,7 +72,7 @@ DEFAULT_FILE = "Sandboxfile"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: What a RUN step may write when neither ``--root-size`` nor the run profile's ``root_size``
 #: says: its changes live in memory (tmpfs) until they become a layer.
-DEFAULT_STEP_SIZE = 2 << 30
+DEFAULT_STEP_SIZE = 1 << 30
 MAX_BUILDFILE = 1 << 20
 Progress = Callable[[str], None]
 

@@ -342,7 +342,7 @@ def _naive_copy(context: Path, stage: Path, sources: list[str]) -> None:
             os.symlink(os.readlink(src), target)
         else:
             shutil.copyfile(src, target, follow_symlinks=False)
-            os.chmod(target, 0o777)  # noqa: S103 - the mode the context file has
+            os.chmod(target, 0o777)  # the mode the context file has
 
 
 def test_copy_never_writes_through_a_symlink_an_earlier_source_staged(shell_image, tmp_path):
@@ -353,7 +353,7 @@ def test_copy_never_writes_through_a_symlink_an_earlier_source_staged(shell_imag
                             "COPY d1 d2 /tree/\n", {"b/x": "pwned", "d2/sub/f": "pwned"})
     (context / "a").mkdir()
     (context / "a" / "x").symlink_to(victim)
-    os.chmod(context / "b" / "x", 0o777)  # noqa: S103 - the mode the attack wants on the victim
+    os.chmod(context / "b" / "x", 0o777)  # what the attack wants on the victim
     (context / "d1").mkdir()
     (context / "d1" / "sub").symlink_to(victim_dir)
     # control: staged by path, the second source lands in (and chmods) the host's victim
@@ -422,7 +422,7 @@ def test_other_local_users_can_neither_read_nor_plant_in_the_store(tmp_path):
         context = write_context(tmp_path, "FROM scratch\nBUNDLE /bin/sh /usr/bin/ls\n"
                                 "COPY tree/ /\nCOPY secret /secret\n", {"secret": "s3cret"})
         (context / "tree" / "pub").mkdir(parents=True)
-        os.chmod(context / "tree" / "pub", 0o777)  # noqa: S103 - a world-writable image dir
+        os.chmod(context / "tree" / "pub", 0o777)  # a world-writable image dir
         os.chmod(context / "secret", 0o600)
         built = run_cli("image", "build", "-t", "test/private", str(context), env=env)
         assert built.returncode == 0, built.stderr
@@ -456,7 +456,7 @@ def test_other_local_users_can_neither_read_nor_plant_in_the_store(tmp_path):
         assert ran.returncode == 0 and ran.stdout == b"", ran.stderr
         # control: with the modes the store had before, the second user reads and plants...
         for sub in ("", "blobs", "blobs/sha256", "layers", "cache", "tmp"):
-            os.chmod(store / sub, 0o755)  # noqa: S103 - the old, open modes
+            os.chmod(store / sub, 0o755)  # the old, open modes
         os.chmod(blob, 0o644)
         read, plant = attack()
         assert b"s3cret" in read.stdout and plant.returncode == 0
