@@ -31,6 +31,10 @@ def add_image_parser(sub: Any) -> None:
     build.add_argument(
         "--run-profile", default="build", help="profile of RUN steps (default: build)"
     )
+    build.add_argument(
+        "--root-size",
+        help="what one RUN step may write (default: the run profile's root_size, else 1G)",
+    )
     build.add_argument("context", help="directory COPY reads from")
     save = isub.add_parser("save", help="write images as an OCI layout or a docker archive")
     save.add_argument("-o", "--output", required=True, help="directory, or FILE.tar")
@@ -114,9 +118,14 @@ def run_image(args: argparse.Namespace) -> int:
         return 0
     if command == "build":
         from .image.build import DEFAULT_FILE, Builder
+        from .units import parse_size
 
         for tag in args.tag:  # before the build, which may take minutes
             _check_tag(tag)
+        try:
+            root_size = parse_size(args.root_size) if args.root_size else None
+        except ValueError as e:
+            raise ImageError(f"--root-size: {e}") from None
         context = Path(args.context)
         buildfile = Path(args.file) if args.file else context / DEFAULT_FILE
         builder = Builder(
@@ -124,6 +133,7 @@ def run_image(args: argparse.Namespace) -> int:
             lambda line: print(line, file=sys.stderr, flush=True),
             use_cache=not args.no_cache,
             run_profile=args.run_profile,
+            root_size=root_size,
         )
         image = builder.build(buildfile, context, args.tag)
         _out(image.digest)

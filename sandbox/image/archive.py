@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import ImageError
+from .dirfd import DIR_FLAGS, Unwalkable, open_dir, open_regular, remove_tree
 from .extract import split_path
 from .layerstream import GZIP_MAGIC
 from .oci import (
@@ -47,11 +48,10 @@ from .oci import (
     parse_manifest,
 )
 from .reference import parse_reference
-from .store import Image, Store, remove_tree
+from .store import Image, Store
 from .tarstream import Budget
 
 REF_NAME = "org.opencontainers.image.ref.name"
-_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 ARCHIVE_BUDGET = Budget(max_bytes=64 << 30, max_entries=100_000)
 
 
@@ -66,18 +66,25 @@ class _Dir:
         parts = split_path(relative)
         if not parts:
             raise ImageError(f"archive: bad path {relative!r}")
-        fd = os.open(self.root, _NOFOLLOW | os.O_DIRECTORY)
         try:
-            for part in parts[:-1]:
-                nfd = os.open(part, _NOFOLLOW | os.O_DIRECTORY, dir_fd=fd)
+            root = os.open(self.root, DIR_FLAGS)
+        except OSError as e:
+            raise ImageError(f"archive: cannot open {self.root} ({e.strerror})") from None
+        try:
+            fd = open_dir(root, parts[:-1])
+            try:
+                opened = open_regular(fd, parts[-1])  # never blocks on a FIFO
+            finally:
                 os.close(fd)
-                fd = nfd
-            file_fd = os.open(parts[-1], _NOFOLLOW, dir_fd=fd)
+        except Unwalkable as e:
+            raise ImageError(f"archive: cannot open {relative!r} ({e})") from None
         except OSError as e:
             raise ImageError(f"archive: cannot open {relative!r} ({e.strerror})") from None
         finally:
-            os.close(fd)
-        with os.fdopen(file_fd, "rb") as f:
+            os.close(root)
+        if opened is None:
+            raise ImageError(f"archive: cannot open {relative!r} (not a regular file)")
+        with os.fdopen(opened[0], "rb") as f:
             yield f
 
     def read(self, relative: str, limit: int) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -38,7 +39,10 @@ class ElfInfo:
 
 def read_elf(path: str) -> ElfInfo | None:
     """The loader facts of a 64-bit little-endian ELF file; None if ``path`` is not ELF."""
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         head = f.read(64)
         if len(head) < 64 or head[:4] != b"\x7fELF":
             return None

@@ -1,9 +1,9 @@
 """Unpack one hostile layer tar into a fresh directory, never touching anything outside it.
 
 Every operation is relative to a directory descriptor reached from the target's own descriptor
-one component at a time with ``O_NOFOLLOW`` (openat(2)), so no symlink, whether in the layer or
-planted by an earlier entry, is ever followed; ``..`` and absolute names are refused before any
-lookup. What a layer may hold:
+one component at a time with ``O_NOFOLLOW`` (openat(2); the primitives of :mod:`.dirfd`), so no
+symlink, whether in the layer or planted by an earlier entry, is ever followed; ``..`` and
+absolute names are refused before any lookup. What a layer may hold:
 
 - directories, regular files (setuid/setgid bits dropped: boxes mount ``nosuid`` anyway),
   symlinks (stored, never followed), FIFOs, hard links to regular files of the same layer;
@@ -22,22 +22,20 @@ caller then removes the partial directory.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import shutil
 import stat
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from ..errors import ImageError
 from . import tarstream
+from .dirfd import CREATE_FLAGS, DIR_FLAGS, Unwalkable, open_dir, remove_entry
 from .layerstream import LayerStream
 from .tarstream import Budget, Entry, TarReader
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = "user.overlay.opaque"
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FORBIDDEN_XATTRS = ("trusted.", "security.", "user.overlay.")
 
 
@@ -79,31 +77,19 @@ class _Extractor:
 
     def walk(self, parts: tuple[str, ...], create: bool) -> int:
         """A new descriptor of the directory ``parts``, made as needed, never via a symlink."""
-        fd = os.dup(self.root_fd)
+
+        def made(parent_fd: int, name: str, so_far: tuple[str, ...]) -> None:
+            self._own(parent_fd, name)
+            self.dirs.setdefault(so_far, 0o755)
+
         try:
-            for i, part in enumerate(parts):
-                try:
-                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        raise ImageError(f"layer: {'/'.join(parts)} does not exist") from None
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                    self._own(fd, part)
-                    self.dirs.setdefault(parts[: i + 1], 0o755)
-                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                except OSError as e:
-                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise ImageError(
-                            f"layer: {'/'.join(parts[: i + 1])} is a symlink or a file, "
-                            "and an entry goes through it"
-                        ) from None
-                    raise
-                os.close(fd)
-                fd = nfd
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+            return open_dir(self.root_fd, parts, create=create, made=made)
+        except Unwalkable as e:
+            if e.missing:
+                raise ImageError(f"layer: {'/'.join(parts)} does not exist") from None
+            raise ImageError(
+                f"layer: {'/'.join(e.parts)} is a symlink or a file, and an entry goes through it"
+            ) from None
 
     def parent(self, parts: tuple[str, ...]) -> int:
         """The descriptor of ``parts``' parent directory (the last one is kept open)."""
@@ -119,18 +105,6 @@ class _Extractor:
         if self.owner is not None:
             os.chown(name, *self.owner, dir_fd=dir_fd, follow_symlinks=False)
 
-    def remove(self, dir_fd: int, name: str, keep_dir: bool) -> None:
-        """Remove what an earlier entry put at ``name`` (later entries win, as in docker)."""
-        try:
-            st = os.lstat(name, dir_fd=dir_fd)
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            if not keep_dir:
-                shutil.rmtree(name, dir_fd=dir_fd)
-        else:
-            os.unlink(name, dir_fd=dir_fd)
-
     def add(self, entry: Entry, reader: TarReader) -> None:
         parts = split_path(entry.path)
         if not parts:  # the layer's root itself
@@ -144,25 +118,20 @@ class _Extractor:
             self.whiteout(dir_fd, parts, entry)
             return
         xattrs = self.check_xattrs(entry)
-        self.remove(dir_fd, name, keep_dir=entry.kind == tarstream.DIRECTORY)
+        remove_entry(dir_fd, name, keep_dir=entry.kind == tarstream.DIRECTORY)
         if entry.kind == tarstream.DIRECTORY:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(name, 0o755, dir_fd=dir_fd)
             self.dirs[parts] = entry.mode & 0o1777
             self._own(dir_fd, name)
             if xattrs:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+                fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
                 try:
                     _set_xattrs(fd, xattrs)
                 finally:
                     os.close(fd)
         elif entry.kind == tarstream.REGULAR:
-            fd = os.open(
-                name,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-                dir_fd=dir_fd,
-            )
+            fd = os.open(name, CREATE_FLAGS, 0o600, dir_fd=dir_fd)
             try:
                 while chunk := reader.read(1 << 20):
                     os.write(fd, chunk)
@@ -199,7 +168,7 @@ class _Extractor:
         hidden = name[len(WHITEOUT_PREFIX) :]
         if hidden in ("", ".", "..") or hidden.startswith(WHITEOUT_PREFIX):
             raise ImageError(f"layer: whiteout {entry.path!r} names nothing it may hide")
-        self.remove(dir_fd, hidden, keep_dir=False)
+        remove_entry(dir_fd, hidden)
         os.mknod(hidden, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=dir_fd)
         self._own(dir_fd, hidden)
 
@@ -267,7 +236,7 @@ def extract_layer(
     ``target`` then.
     """
     stream = LayerStream(blob, budget)
-    root_fd = os.open(target, _DIR_FLAGS)
+    root_fd = os.open(target, DIR_FLAGS)
     extractor = _Extractor(root_fd, owner)
     try:
         reader = TarReader(stream, budget)

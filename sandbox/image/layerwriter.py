@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from ..errors import ImageError
+from .dirfd import DIR_FLAGS, Node, open_regular, walk
 from .extract import OPAQUE_MARKER, WHITEOUT_PREFIX
 
 _OPAQUE_XATTRS = ("user.overlay.opaque", "trusted.overlay.opaque")
@@ -56,43 +57,38 @@ def source_date_epoch() -> int:
     return int(value) if value.isdigit() else 0
 
 
-def _is_opaque(path: str) -> bool:
-    for name in _OPAQUE_XATTRS:
-        try:
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
-                return True
-        except OSError:
-            continue
-    return False
-
-
-def _walk(root: str) -> list[str]:
-    """Every path below ``root``, relative, sorted so parents come before children."""
-    found: list[str] = []
-
-    def visit(rel: str) -> None:
-        with os.scandir(os.path.join(root, rel) if rel else root) as it:
-            names = sorted(e.name for e in it)
-        for name in names:
-            path = f"{rel}/{name}" if rel else name
-            found.append(path)
-            if stat.S_ISDIR(os.lstat(os.path.join(root, path)).st_mode):
-                visit(path)
-
-    visit("")
-    return found
+def _is_opaque(dir_fd: int, name: str) -> bool:
+    fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        for key in _OPAQUE_XATTRS:
+            try:
+                if os.getxattr(fd, key) == b"y":
+                    return True
+            except OSError:
+                continue
+        return False
+    finally:
+        os.close(fd)
 
 
 def write_layer(root: str, out: BinaryIO, *, upper: bool = False) -> WrittenLayer:
-    """Write ``root``'s tree as a gzip layer to ``out``; ``upper``: it is an overlay upper."""
+    """Write ``root``'s tree as a gzip layer to ``out``; ``upper``: it is an overlay upper.
+
+    The tree is read with :func:`.dirfd.walk` (a box wrote a RUN step's upper: nothing in it is
+    followed, and a FIFO is a FIFO entry, never opened).
+    """
     epoch = source_date_epoch()
     blob = _HashingWriter(out)
-    with gzip.GzipFile(filename="", mode="wb", fileobj=blob, compresslevel=6, mtime=0) as gz:
-        tar_out = _HashingWriter(gz)  # type: ignore[arg-type]
-        with tarfile.open(fileobj=tar_out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            links: dict[tuple[int, int], str] = {}
-            for rel in _walk(root):
-                _add(tar, root, rel, epoch, upper, links)
+    root_fd = os.open(root, DIR_FLAGS)
+    try:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=blob, compresslevel=6, mtime=0) as gz:
+            tar_out = _HashingWriter(gz)  # type: ignore[arg-type]
+            with tarfile.open(fileobj=tar_out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                links: dict[tuple[int, int], str] = {}
+                for node in walk(root_fd):
+                    _add(tar, node, epoch, upper, links)
+    finally:
+        os.close(root_fd)
     return WrittenLayer(
         "sha256:" + blob.hash.hexdigest(), blob.size, "sha256:" + tar_out.hash.hexdigest()
     )
@@ -109,20 +105,18 @@ def _info(name: str, st: os.stat_result, epoch: int) -> tarfile.TarInfo:
 
 def _add(
     tar: tarfile.TarFile,
-    root: str,
-    rel: str,
+    node: Node,
     epoch: int,
     upper: bool,
     links: dict[tuple[int, int], str],
 ) -> None:
-    path = os.path.join(root, rel)
-    st = os.lstat(path)
+    rel, st = node.rel, node.st
     info = _info(rel, st, epoch)
     mode = st.st_mode
     if stat.S_ISDIR(mode):
         info.type = tarfile.DIRTYPE
         tar.addfile(info)
-        if upper and _is_opaque(path):
+        if upper and _is_opaque(node.dir_fd, node.name):
             marker = _info(f"{rel}/{OPAQUE_MARKER}", st, epoch)
             marker.mode = 0o644
             tar.addfile(marker)
@@ -133,13 +127,18 @@ def _add(
             info.linkname = links[key]
             tar.addfile(info)
             return
+        opened = open_regular(node.dir_fd, node.name)
+        if opened is None or (opened[1].st_dev, opened[1].st_ino) != key:
+            if opened is not None:
+                os.close(opened[0])
+            raise ImageError(f"{rel}: changed while the layer was written")
         links[key] = rel
-        info.size = st.st_size
-        with open(path, "rb") as f:
+        info.size = opened[1].st_size
+        with os.fdopen(opened[0], "rb") as f:
             tar.addfile(info, f)
     elif stat.S_ISLNK(mode):
         info.type = tarfile.SYMTYPE
-        info.linkname = os.readlink(path)
+        info.linkname = os.readlink(node.name, dir_fd=node.dir_fd)
         tar.addfile(info)
     elif stat.S_ISFIFO(mode):
         info.type = tarfile.FIFOTYPE

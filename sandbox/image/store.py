@@ -9,6 +9,14 @@ Layout under ``<state dir>/images``::
     tmp/                  staging (same filesystem, so results appear by one rename(2))
     lock                  flock: shared while building, pulling or running; exclusive to prune
 
+The store is private to the user who owns it: its root and every directory of its layout are
+0700 and blobs 0600 (a layer may hold world-writable directories such as ``/tmp``, and a COPY may
+add a 0600 file: no other local user may read, change or add to what boxes will see). A store
+root that is not owned by us or that others may enter is refused rather than used (whatever is
+in it may have been changed); one we have just made gets its mode whatever the umask. Boxes do
+not need to traverse it: their init opens its layers with the caller's credentials and mounts
+them through ``/proc/self/fd``.
+
 Blobs and layers are written under ``tmp/`` and renamed into place only once their digest is
 verified, so a reader never sees a partial one and two writers of the same content cannot corrupt
 it (the second rename finds the first's result and discards its own). Tags change under an
@@ -24,16 +32,17 @@ import hashlib
 import io
 import json
 import os
-import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import ImageError
-from ..state import ensure_dir, state_dir
+from ..errors import HostError, ImageError
+from ..state import state_dir
 from ..userns import image_owner
+from .dirfd import DIR_FLAGS, remove_tree, tree_size
 from .extract import extract_layer
 from .oci import (
     MAX_CONFIG,
@@ -49,6 +58,8 @@ from .reference import Reference, check_digest, parse_reference
 from .tarstream import Budget
 
 CHUNK = 1 << 20
+LAYOUT = ("blobs", "blobs/sha256", "layers", "cache", "tmp")
+_NOFOLLOW_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_IMAGE_BYTES = 16 << 30  # uncompressed, all layers of one image together
 
 
@@ -72,13 +83,15 @@ class Store:
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or state_dir() / "images"
-        for sub in ("", "blobs/sha256", "layers", "cache", "tmp"):
-            ensure_dir(self.root / sub)
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.root, is_root=True)
+        for sub in LAYOUT:
+            _private_dir(self.root / sub, is_root=False)
 
     # -- locking ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def _flock(self, name: str, mode: int) -> Iterator[None]:
-        fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, mode)
             yield
@@ -101,7 +114,7 @@ class Store:
     def read_blob(self, digest: str, limit: int) -> bytes:
         """A small blob (manifest, config), checked against its digest again."""
         try:
-            with open(self.blob_path(digest), "rb") as f:
+            with os.fdopen(os.open(self.blob_path(digest), _NOFOLLOW_READ), "rb") as f:
                 data = f.read(limit + 1)
         except FileNotFoundError:
             raise ImageError(f"blob {digest} is not in the store") from None
@@ -118,11 +131,11 @@ class Store:
     def write_blob(self, write: Callable[[BinaryIO], str]) -> str:
         """Store what ``write`` writes to the file it is given; ``write`` returns the digest
         (and raises if the bytes are not what they should be, which discards them)."""
+        # mkstemp(3): an unpredictable name, made O_EXCL, mode 0600 (and blobs stay 0600).
         fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix="blob-")
         try:
             with os.fdopen(fd, "wb") as f:
                 digest = write(f)
-            os.chmod(tmp, 0o644)
             os.replace(tmp, self.blob_path(digest))
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -169,11 +182,15 @@ class Store:
         tmp = Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix="layer-"))
         owner = image_owner() if os.geteuid() == 0 else None
         try:
-            os.chmod(tmp, 0o755)  # noqa: S103 - boxes must traverse their layers
-            if owner is not None:
-                os.chown(tmp, *owner)
+            fd = os.open(tmp, DIR_FLAGS)
             try:
-                blob = open(self.blob_path(layer.digest), "rb")  # noqa: SIM115
+                os.fchmod(fd, 0o755)  # the box's "/" (the store around it stays 0700)
+                if owner is not None:
+                    os.fchown(fd, *owner)
+            finally:
+                os.close(fd)
+            try:
+                blob = os.fdopen(os.open(self.blob_path(layer.digest), _NOFOLLOW_READ), "rb")
             except FileNotFoundError:
                 raise ImageError(f"layer blob {layer.digest} is not in the store") from None
             with blob:
@@ -190,7 +207,7 @@ class Store:
             except OSError:  # another writer unpacked it first
                 if not target.exists():
                     raise
-                shutil.rmtree(tmp)
+                remove_tree(tmp)
         except BaseException:
             remove_tree(tmp)
             raise
@@ -332,7 +349,7 @@ class Store:
                     blobs += 1
             for entry in (self.root / "layers").iterdir():
                 if f"sha256:{entry.name}" not in keep_layers:
-                    freed += _tree_size(entry)
+                    freed += tree_size(entry)
                     remove_tree(entry)
                     layers += 1
             for entry in (self.root / "cache").iterdir():
@@ -342,27 +359,32 @@ class Store:
             return blobs, layers, freed
 
 
-def _tree_size(path: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a tree even where a layer made directories read-only."""
-    if path.is_dir() and not path.is_symlink():
-        for dirpath, dirnames, _ in os.walk(path):
-            for d in dirnames:
-                child = os.path.join(dirpath, d)
-                if not os.path.islink(child):
-                    os.chmod(child, 0o700)
-        os.chmod(path, 0o700)
-        shutil.rmtree(path)
-    else:
-        path.unlink()
+def _private_dir(path: Path, is_root: bool) -> None:
+    """Make ``path`` 0700, or check it is ours and private: another user must not enter it."""
+    try:
+        os.mkdir(path, 0o700)
+        created = True
+    except FileExistsError:
+        created = False
+    try:
+        fd = os.open(path, DIR_FLAGS)
+    except OSError as e:
+        raise HostError(f"image store: cannot use {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise HostError(f"image store: {path} is owned by uid {st.st_uid}, not by us")
+        if created or not is_root:
+            if stat.S_IMODE(st.st_mode) != 0o700:
+                os.fchmod(fd, 0o700)  # a umask narrowed it, or an earlier version left it open
+        elif st.st_mode & 0o077:
+            raise HostError(
+                f"image store {path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}):"
+                " they may have changed what it holds",
+                hint=f"remove it (rm -rf {path}) and pull or build again",
+            )
+    finally:
+        os.close(fd)
 
 
 def short(digest: str) -> str:

@@ -328,3 +328,140 @@ def test_prune_waits_for_a_run_that_uses_the_store(shell_image):
     assert pruned.returncode == 0 and reports[0].verdict == Verdict.WALL_TIME_LIMIT
     assert waited > 0.5, "prune did not wait for the run holding the store"
     assert sandbox.run(["cat", "/made/by-run"], image=shell_image).stdout == b"built\n"
+
+
+def _naive_copy(context: Path, stage: Path, sources: list[str]) -> None:
+    """How COPY staged several sources before: by path, so the second write and chmod went
+    through the symlink the first source had staged."""
+    import shutil
+
+    for source in sources:
+        src, target = context / source, stage / "out" / Path(source).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            os.symlink(os.readlink(src), target)
+        else:
+            shutil.copyfile(src, target, follow_symlinks=False)
+            os.chmod(target, 0o777)  # the mode the context file has
+
+
+def test_copy_never_writes_through_a_symlink_an_earlier_source_staged(shell_image, tmp_path):
+    victim = tmp_path / "victim"
+    victim_dir = tmp_path / "victim-dir"
+    victim_dir.mkdir()
+    context = write_context(tmp_path / "ctx", f"FROM {shell_image}\nCOPY a/x b/x /out/\n"
+                            "COPY d1 d2 /tree/\n", {"b/x": "pwned", "d2/sub/f": "pwned"})
+    (context / "a").mkdir()
+    (context / "a" / "x").symlink_to(victim)
+    os.chmod(context / "b" / "x", 0o777)  # what the attack wants on the victim
+    (context / "d1").mkdir()
+    (context / "d1" / "sub").symlink_to(victim_dir)
+    # control: staged by path, the second source lands in (and chmods) the host's victim
+    victim.write_text("do not touch")
+    os.chmod(victim, 0o600)
+    _naive_copy(context, tmp_path / "naive", ["a/x", "b/x"])
+    assert victim.read_text() == "pwned" and victim.stat().st_mode & 0o777 == 0o777
+    victim.write_text("do not touch")
+    os.chmod(victim, 0o600)
+    build(context, "test/copy-race")
+    assert victim.read_text() == "do not touch" and victim.stat().st_mode & 0o777 == 0o600
+    assert list(victim_dir.iterdir()) == []
+    report = sandbox.run(["cat", "/out/x", "/tree/sub/f"], image="test/copy-race")
+    assert report.stdout == b"pwnedpwned", report.stderr  # the later source won, in the image
+
+
+def test_fifos_in_the_context_never_block_the_build(tmp_path):
+    context = write_context(tmp_path / "ctx", "FROM scratch\nCOPY dir /d\n", {"dir/f": "x"})
+    os.mkfifo(context / "dir" / "pipe")
+    # control: a plain open of the FIFO blocks (no writer ever comes)
+    blocked = subprocess.run(["timeout", "1", "cat", str(context / "dir" / "pipe")])
+    assert blocked.returncode == 124
+    result = run_cli("image", "build", "-t", "test/fifo", str(context), timeout=30)
+    assert result.returncode == 0, result.stderr
+    named = write_context(tmp_path / "named", "FROM scratch\nCOPY pipe /p\n")
+    os.mkfifo(named / "pipe")
+    result = run_cli("image", "build", "-t", "test/fifo", str(named), timeout=30)
+    assert result.returncode == 125 and b"not a file, directory or symlink" in result.stderr
+    as_buildfile = tmp_path / "fifo-file"
+    as_buildfile.mkdir()
+    os.mkfifo(as_buildfile / "Sandboxfile")
+    result = run_cli("image", "build", "-t", "test/fifo", str(as_buildfile), timeout=30)
+    assert result.returncode == 125 and b"not a regular file" in result.stderr
+
+
+def test_a_run_step_cannot_write_past_its_size_limit(shell_image, tmp_path):
+    # `|| true`: the command hides its ENOSPC, the build still fails and names the limit
+    context = write_context(tmp_path, f"FROM {shell_image}\n"
+                                      "RUN head -c 40000000 /dev/zero > /big || true\n")
+    refused = run_cli("image", "build", "--no-cache", "--root-size", "16M", "-t", "test/cap",
+                      str(context), timeout=120)
+    assert refused.returncode == 125, refused.stderr
+    assert b"more than the 16M a build step may write" in refused.stderr
+    profile = tmp_path / "small-build.toml"
+    profile.write_text('extends = "build"\n[limits]\nroot_size = "16M"\n')
+    from_profile = run_cli("image", "build", "--no-cache", "--run-profile", str(profile),
+                           "-t", "test/cap", str(context), timeout=120)
+    assert b"more than the 16M a build step may write" in from_profile.stderr
+    # control: with room for it the same step writes its 40 MB, so the limit stopped it
+    build(context, "test/cap", "--no-cache", "--root-size", "64M")
+    inspect = json.loads(run_cli("image", "inspect", "test/cap").stdout)
+    assert (Path(inspect["layers"][-1]["path"]) / "big").stat().st_size == 40_000_000
+
+
+def test_other_local_users_can_neither_read_nor_plant_in_the_store(tmp_path):
+    import shutil
+    import stat
+    import tempfile
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to act as a second local user")
+    top = Path(tempfile.mkdtemp(prefix="sandbox-store-", dir="/tmp"))
+    try:
+        os.chmod(top, 0o755)  # the store's parents are open: only its own modes protect it
+        env = {**os.environ, "SANDBOX_HOME": str(top / "home")}
+        context = write_context(tmp_path, "FROM scratch\nBUNDLE /bin/sh /usr/bin/ls\n"
+                                "COPY tree/ /\nCOPY secret /secret\n", {"secret": "s3cret"})
+        (context / "tree" / "pub").mkdir(parents=True)
+        os.chmod(context / "tree" / "pub", 0o777)  # a world-writable image dir
+        os.chmod(context / "secret", 0o600)
+        built = run_cli("image", "build", "-t", "test/private", str(context), env=env)
+        assert built.returncode == 0, built.stderr
+        inspect = json.loads(run_cli("image", "inspect", "test/private", env=env).stdout)
+        store = top / "home" / "images"
+        blob = store / "blobs/sha256" / inspect["layers"][-1]["digest"][7:]
+        pub = Path(inspect["layers"][-2]["path"]) / "pub"
+        assert stat.S_IMODE(pub.stat().st_mode) == 0o777  # the image's own mode is kept
+
+        def attack() -> tuple[subprocess.CompletedProcess[bytes], ...]:
+            as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            read = subprocess.run([*as_nobody, "sh", "-c", f"gzip -dc < {blob}"],
+                                  capture_output=True)
+            plant = subprocess.run([*as_nobody, "touch", str(pub / "planted")],
+                                   capture_output=True)
+            return read, plant
+
+        read, plant = attack()
+        assert read.returncode != 0 and b"s3cret" not in read.stdout
+        assert plant.returncode != 0 and not (pub / "planted").exists()
+        for dirpath, dirnames, filenames in os.walk(store):
+            if Path(dirpath).parent == store / "layers":
+                dirnames[:] = []  # an unpacked layer holds the image's own modes
+                continue
+            assert stat.S_IMODE(os.stat(dirpath).st_mode) == 0o700, dirpath
+            if Path(dirpath) == store / "blobs/sha256":
+                assert {stat.S_IMODE(os.stat(f"{dirpath}/{f}").st_mode) for f in filenames} == {
+                    0o600}
+        # boxes still mount the layers of a 0700 store, and see exactly the image
+        ran = run_cli("exec", "--image", "test/private", "--", "ls", "-A", "/pub", env=env)
+        assert ran.returncode == 0 and ran.stdout == b"", ran.stderr
+        # control: with the modes the store had before, the second user reads and plants...
+        for sub in ("", "blobs", "blobs/sha256", "layers", "cache", "tmp"):
+            os.chmod(store / sub, 0o755)  # the old, open modes
+        os.chmod(blob, 0o644)
+        read, plant = attack()
+        assert b"s3cret" in read.stdout and plant.returncode == 0
+        # ...so such a store is refused rather than used
+        refused = run_cli("exec", "--image", "test/private", "--", "ls", "/pub", env=env)
+        assert refused.returncode == 125 and b"open to other users" in refused.stderr
+    finally:
+        shutil.rmtree(top)

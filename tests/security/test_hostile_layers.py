@@ -171,3 +171,29 @@ def test_an_image_has_a_budget_for_all_its_layers_together(tmp_path, monkeypatch
         store.add_image(manifest)
     monkeypatch.setattr(store_module, "MAX_IMAGE_BYTES", 31_000)
     assert len(store.add_image(manifest).manifest.layers) == 3
+
+
+def test_the_store_is_private_whatever_the_umask_and_refuses_one_that_is_not(tmp_path):
+    from sandbox.errors import HostError
+
+    old = os.umask(0)
+    try:
+        (tmp_path / "control").mkdir()  # control: what a plain mkdir gives under this umask
+        assert stat.S_IMODE((tmp_path / "control").stat().st_mode) == 0o777
+        store = Store(tmp_path / "store")
+        digest = store.put_bytes(b"secret")
+    finally:
+        os.umask(old)
+    for sub in ("", "blobs", "blobs/sha256", "layers", "cache", "tmp"):
+        assert stat.S_IMODE((store.root / sub).stat().st_mode) == 0o700, sub
+    assert stat.S_IMODE(store.blob_path(digest).stat().st_mode) == 0o600
+    os.chmod(store.root, 0o711)
+    with pytest.raises(HostError, match="open to other users"):
+        Store(tmp_path / "store")
+    os.chmod(store.root, 0o700)
+    os.chmod(store.root / "layers", 0o777)  # a layout dir of ours is put right
+    Store(tmp_path / "store")
+    assert stat.S_IMODE((store.root / "layers").stat().st_mode) == 0o700
+    os.chown(store.root, 65534, 65534)
+    with pytest.raises(HostError, match="owned by uid 65534"):
+        Store(tmp_path / "store")
