@@ -74,10 +74,13 @@ def test_cpus_pin_the_box_and_cannot_be_widened():
 
 
 def test_cpu_quota_slows_the_box(cprog):
-    report = spin(cprog, "0.2", cpu_quota="0.5", cpu_time="2")
+    report = spin(cprog, "0.1", cpu_quota="0.1", cpu_time="2")
     assert report.verdict is Verdict.OK
-    assert report.wall_time >= 0.3  # 0.2 s of CPU at half a CPU takes at least ~0.4 s
-    assert report.limits["cpu_quota"].value == 0.5
+    # 10 ms of CPU per 100 ms period: 0.1 s of CPU spans at least nine whole periods.
+    assert report.wall_time >= 0.85
+    assert report.limits["cpu_quota"].value == 0.1
+    unlimited = spin(cprog, "0.1", cpu_time="2")
+    assert unlimited.wall_time < 0.85  # the same work without the quota
 
 
 def test_unavailable_cpus_are_refused():
@@ -94,8 +97,10 @@ def test_output_flood_is_stopped_at_the_limit():
 
 
 def test_file_size_limit_signals_the_writer():
-    report = sandbox.run(["sh", "-c", "head -c 2000000 /dev/zero > /tmp/f"], fsize="1M")
-    assert report.verdict is Verdict.RUNTIME_ERROR or report.signal == 25  # SIGXFSZ
+    write = ["sh", "-c", "head -c 2000000 /dev/zero > /tmp/f; echo $?; wc -c < /tmp/f"]
+    report = sandbox.run(write, fsize="1M")
+    assert report.stdout == b"153\n1048576\n"  # head died of SIGXFSZ (128 + 25) at 1 MiB
+    assert sandbox.run(write).stdout == b"0\n2000000\n"  # the same write without the limit
 
 
 def test_filling_tmp_fails_inside_the_box():

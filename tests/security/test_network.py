@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,12 +171,46 @@ def test_boxes_cannot_change_addresses_routes_or_open_raw_sockets(tmp_path):
     assert out == ["EPERM", "EPERM", "EAFNOSUPPORT"]  # no CAP_NET_ADMIN/RAW; no netlink
 
 
+# Runs a group RUNS times in namespaces of the test's own (see below) and prints, after each
+# run, what is left: network namespaces, their mounts, links, the group's state files.
+LEFTOVERS = """
+import json, os, subprocess, sys
+from pathlib import Path
+import sandbox
+from sandbox import network
+path, runs = sys.argv[1], int(sys.argv[2])
+groups = Path(os.environ["SANDBOX_HOME"]) / "groups"
+seen = []
+for _ in range(runs):
+    ok = sandbox.run_group(path).ok
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    mounts = [line for line in open("/proc/self/mountinfo") if " /run/netns/" in line]
+    files = sorted(os.listdir(groups)) if groups.is_dir() else []
+    seen.append((ok, network.objects(), len(links.splitlines()), len(mounts), files))
+print(json.dumps(sorted(set(json.dumps(s) for s in seen))))
+"""
+
+
+def leftovers_of_linked_runs(path: Path, runs: int) -> list[object]:
+    """The distinct states left after each of ``runs`` runs of the group at ``path``.
+
+    The runs happen in a mount namespace with a /run/netns of their own and in a network
+    namespace of their own: what is found there is the sandbox's, never another program's."""
+    network.NETNS_DIR.mkdir(parents=True, exist_ok=True)  # as `ip netns add` would
+    result = subprocess.run(
+        ["unshare", "--mount", "--net", "--propagation", "private", "sh", "-c",
+         f'mount -t tmpfs sbxtest {network.NETNS_DIR} && exec "$0" -c "$1" "$2" "$3"',
+         sys.executable, LEFTOVERS, str(path), str(runs)],
+        capture_output=True, timeout=30 + runs * 5)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(s) for s in json.loads(result.stdout)]
+
+
 @pytest.mark.slow
 def test_500_linked_runs_leave_no_network_objects(tmp_path):
     path = write_group(tmp_path / "g", {"a": ("print(1)", []), "b": ("print(2)", [])})
-    before = network.objects()
-    for _ in range(500):
-        assert sandbox.run_group(path).ok
+    # Each run succeeded and left no namespace, no nsfs mount, no link but lo, no files.
+    assert leftovers_of_linked_runs(path, 500) == [[True, [], 1, 0, []]]
     assert network.objects() == before == []
     links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
     assert "sbx" not in links
