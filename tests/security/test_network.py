@@ -211,10 +211,6 @@ def test_500_linked_runs_leave_no_network_objects(tmp_path):
     path = write_group(tmp_path / "g", {"a": ("print(1)", []), "b": ("print(2)", [])})
     # Each run succeeded and left no namespace, no nsfs mount, no link but lo, no files.
     assert leftovers_of_linked_runs(path, 500) == [[True, [], 1, 0, []]]
-    assert network.objects() == before == []
-    links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
-    assert "sbx" not in links
-    assert not list((Path(os.environ["SANDBOX_HOME"]) / "groups").iterdir())
 
 
 # --- source spoofing ---------------------------------------------------------------------
