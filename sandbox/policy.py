@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .profiles import parse_limits, read_toml
+from .profiles import find_named, parse_limits, read_toml
 from .spec import UNORDERED_LIMITS, NetworkMode
 
 ATTRIBUTES = ("purpose", "language", "tenant")
@@ -81,18 +81,7 @@ def find_policy(name_or_path: str | Path) -> Path:
     text = str(name_or_path)
     if isinstance(name_or_path, Path) or "/" in text or text.endswith(".toml"):
         return Path(name_or_path)
-    if not _NAME.match(text):
-        raise ConfigError(text, None, "a policy name is lower-case letters, digits, - and _")
-    for directory in POLICY_DIRS:
-        candidate = directory / f"{text}.toml"
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(
-        text,
-        None,
-        "no such policy",
-        hint="policies are looked up in " + ", ".join(str(d) for d in POLICY_DIRS),
-    )
+    return find_named("policy", text, list(POLICY_DIRS))
 
 
 def load_policy(path: str | Path) -> Policy:

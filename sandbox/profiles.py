@@ -76,20 +76,23 @@ def find_profile(name_or_path: str, *, relative_to: Path | None = None) -> Path:
                 name_or_path, None, f"cannot use the profile file: {e.strerror}"
             ) from None
         return path
-    if not _NAME.match(name_or_path):
-        raise ConfigError(
-            name_or_path, None, "a profile name is lower-case letters, digits, - and _"
-        )
     dirs = ([relative_to] if relative_to else []) + search_path()
+    return find_named("profile", name_or_path, dirs)
+
+
+def find_named(kind: str, name: str, dirs: list[Path]) -> Path:
+    """``NAME.toml`` in the first of ``dirs`` that has it (profiles and policies by name)."""
+    if not _NAME.match(name):
+        raise ConfigError(name, None, f"a {kind} name is lower-case letters, digits, - and _")
     for directory in dirs:
-        candidate = directory / f"{name_or_path}.toml"
+        candidate = directory / f"{name}.toml"
         if candidate.is_file():
             return candidate
     raise ConfigError(
-        name_or_path,
+        name,
         None,
-        "no such profile",
-        hint="profiles are looked up in " + ", ".join(str(d) for d in dirs),
+        f"no such {kind}",
+        hint=f"{kind} files are looked up in " + ", ".join(str(d) for d in dirs),
     )
 
 

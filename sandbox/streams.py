@@ -50,16 +50,10 @@ class Sink(Protocol):
         """Write everything left, waiting for the consumer (after the box is gone)."""
 
 
-class BufferSink:
-    """Capture in memory (the library returns the bytes in the report)."""
+class _Capture:
+    """A sink that keeps what it takes at once: no backlog, nothing to wait for."""
 
     backlog = 0
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.buffer += data
 
     def wait_fd(self) -> int | None:
         return None
@@ -71,11 +65,19 @@ class BufferSink:
         return None
 
 
-class MemfdSink:
+class BufferSink(_Capture):
+    """Capture in memory (the report gets the bytes: groups, doctor)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+
+
+class MemfdSink(_Capture):
     """Capture into a memory file the library's caller reads once (no copies in between):
     the helper hands the descriptor over instead of the bytes (see ``helper.py``)."""
-
-    backlog = 0
 
     def __init__(self, name: str) -> None:
         self.fd = os.memfd_create(f"sandbox-{name}", os.MFD_CLOEXEC)
@@ -84,15 +86,6 @@ class MemfdSink:
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view) :]
-
-    def wait_fd(self) -> int | None:
-        return None
-
-    def flush(self) -> None:
-        return None
-
-    def finish(self) -> None:
-        return None
 
 
 def read_capture(fd: int) -> bytes:
