@@ -9,10 +9,12 @@ limit is noticed when it is due, not at the next tick of a fixed poll.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import math
 import os
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -366,14 +368,37 @@ def _applied_limits(limits: Limits, cg: str, rl: dict[str, str]) -> dict[str, Ap
     return out
 
 
-def _read_notification(fd: int) -> tuple[int, int] | None:
+_VANISHED = "unknown (its caller was gone before the supervisor could read it)"
+
+
+def _read_notification(fd: int) -> str:
+    """Receive one pending notification from listener ``fd``: the forbidden syscall's name.
+
+    Call only when the listener polled POLLIN: without a pending notification RECV blocks
+    (seccomp_unotify(2)), also after all of the filter's users are gone on kernels before 6.11.
+    A notification whose task died, or whose wait a signal interrupted, after POLLIN was seen is
+    gone by the time RECV runs, which then fails with ENOENT: a forbidden syscall was still
+    attempted (every notification is one: the filter's only notify action is its kill action),
+    only its name is lost.
+    """
     buf = bytearray(_NOTIF.size)
     try:
         fcntl.ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
-    except OSError:
-        return None  # the notifying task is already gone (ENOENT)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return _VANISHED
+        return f"unknown (SECCOMP_IOCTL_NOTIF_RECV failed: {e.strerror})"
     _, _, _, nr, arch, *_ = _NOTIF.unpack(buf)
-    return nr, arch
+    return seccomp.describe_syscall(arch, nr)
+
+
+def _pending(fd: int) -> tuple[bool, bool]:
+    """(POLLIN, POLLHUP) of listener ``fd`` right now, without waiting."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    ready = poller.poll(0)
+    revents = ready[0][1] if ready else 0
+    return bool(revents & select.POLLIN), bool(revents & select.POLLHUP)
 
 
 class _Supervisor:
@@ -459,18 +484,19 @@ class _Supervisor:
         return events
 
     def _step(self) -> resource.struct_rusage | None:
-        for key, _ in self._wait(self._timeout()):
+        exited = False
+        for key, mask in self._wait(self._timeout()):
             if key.data == "sync":
                 self._receive()
             elif key.data == "output":
                 self._copy_output(key.fd, enforce=True)
             elif key.data == "notify":
-                self._forbidden(key.fd)
+                self._forbidden(key.fd, mask)
             elif key.data == "cancel":
                 self._cancel(key.fd)
             elif key.data == "exit":
-                return os.wait4(self.pid, 0)[2]
-        return None
+                exited = True  # the rest of this batch first: a notification in it still counts
+        return os.wait4(self.pid, 0)[2] if exited else None
 
     def _cancel(self, fd: int) -> None:
         self.sel.unregister(fd)
@@ -497,14 +523,23 @@ class _Supervisor:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
-    def _forbidden(self, fd: int) -> None:
-        # Kill before the listener is closed: closing it would let the blocked syscall return
-        # ENOSYS and the program carry on (seccomp_unotify(2)).
-        call = _read_notification(fd)
-        self.sel.unregister(fd)
-        if call is not None:
-            self.run_state.forbidden = seccomp.describe_syscall(call[1], call[0])
+    def _forbidden(self, fd: int, mask: int) -> None:
+        """Listener ``fd`` woke the loop with ``mask``; registered for EVENT_READ | EVENT_WRITE.
+
+        selectors maps EPOLLIN alone to EVENT_READ and EPOLLHUP (no task left under the filter)
+        or EPOLLERR to both; EPOLLOUT (a received, unanswered notification) cannot come before
+        the first receive, after which the listener is unregistered. So EVENT_READ alone is the
+        kernel's own word, at the instant it woke the loop, that a notification was pending.
+        """
+        if mask == selectors.EVENT_READ or _pending(fd)[0]:
+            # Kill before the listener is closed: closing it would let the blocked syscall
+            # return ENOSYS and the program carry on (seccomp_unotify(2)). A notification that
+            # vanished since it was seen still ends the run (see _read_notification).
+            self.run_state.forbidden = _read_notification(fd) if _pending(fd)[0] else _VANISHED
+            self.sel.unregister(fd)
             self._kill("forbidden_syscall")
+        elif _pending(fd)[1]:  # nothing can notify any more; RECV could block now
+            self.sel.unregister(fd)
 
     def _receive(self) -> None:
         try:
@@ -527,7 +562,7 @@ class _Supervisor:
             run.cpu_baseline = int(f["cpu_ns"]) / 1e9
             for fd in msg.fds:
                 run.listeners.append(fd)
-                self.sel.register(fd, selectors.EVENT_READ, "notify")
+                self.sel.register(fd, selectors.EVENT_READ | selectors.EVENT_WRITE, "notify")
         elif msg.kind == protocol.SETUP_ERROR:
             reason = str(f["detail"]) or os.strerror(int(f["errno"]))
             run.setup_error = f"box setup failed in phase {f['phase']}: {f['op']}: {reason}"
