@@ -9,21 +9,17 @@ limit is noticed when it is due, not at the next tick of a fixed poll.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import math
 import os
 import resource
-import select
 import selectors
 import signal
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import cgroups, child, protocol, seccomp, userns
+from . import cgroups, child, notify, protocol, seccomp, userns
 from .errors import ConfigError, HostError
 from .hostinfo import host_facts
 from .image.lock import hold_store
@@ -38,10 +34,6 @@ DRAIN_TIMEOUT = 2.0
 MIN_WAIT = 0.0002  # the loop's shortest sleep: bounds how late a CPU limit can be noticed
 PRECISE_WAIT = 0.001  # below this, wait with nanosleep rather than epoll's whole milliseconds
 CHUNK = 1 << 16
-# seccomp_unotify(2): struct seccomp_notif is {u64 id; u32 pid; u32 flags; struct seccomp_data}
-# and seccomp_data is {int nr; u32 arch; u64 instruction_pointer; u64 args[6]}.
-_NOTIF = struct.Struct("=QIIiIQ6Q")
-SECCOMP_IOCTL_NOTIF_RECV = 0xC0000000 | (_NOTIF.size << 16) | (ord("!") << 8)
 
 
 class Sink(Protocol):
@@ -201,6 +193,11 @@ def run_box(
     bpf = seccomp.compile_filter(spec.profile.seccomp, notify=listener)
     rlimits, mechanisms = _rlimits(limits, isinstance(backend, HostError))
     with contextlib.ExitStack() as stack:
+        # Forked first, while the process holds the fewest descriptors and none of the box's
+        # processes exist; stopped last, after the box is killed (see notify.Receiver.stop).
+        receiver = notify.Receiver() if listener else None
+        if receiver is not None:
+            stack.callback(receiver.stop)
         if spec.image is not None and spec.image.upper is not None:
             # A build step: root of its namespace, as the owner of the image's files.
             ids = userns.HostIds(*userns.image_owner())
@@ -256,7 +253,7 @@ def run_box(
             handed_over = [fd for fd in (stdout, stderr) if isinstance(fd, int)]
             for fd in (*ours, *root_ready, *entry, *handed_over):
                 os.close(fd)
-        usage = _Supervisor(spec, run, pid, parent_sock, ids, box, cancel_fd).run()
+        usage = _Supervisor(spec, run, pid, parent_sock, ids, box, cancel_fd, receiver).run()
         return _account(spec, run, usage, box, mechanisms, stdout, stderr)
 
 
@@ -368,39 +365,6 @@ def _applied_limits(limits: Limits, cg: str, rl: dict[str, str]) -> dict[str, Ap
     return out
 
 
-_VANISHED = "unknown (its caller was gone before the supervisor could read it)"
-
-
-def _read_notification(fd: int) -> str:
-    """Receive one pending notification from listener ``fd``: the forbidden syscall's name.
-
-    Call only when the listener polled POLLIN: without a pending notification RECV blocks
-    (seccomp_unotify(2)), also after all of the filter's users are gone on kernels before 6.11.
-    A notification whose task died, or whose wait a signal interrupted, after POLLIN was seen is
-    gone by the time RECV runs, which then fails with ENOENT: a forbidden syscall was still
-    attempted (every notification is one: the filter's only notify action is its kill action),
-    only its name is lost.
-    """
-    buf = bytearray(_NOTIF.size)
-    try:
-        fcntl.ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            return _VANISHED
-        return f"unknown (SECCOMP_IOCTL_NOTIF_RECV failed: {e.strerror})"
-    _, _, _, nr, arch, *_ = _NOTIF.unpack(buf)
-    return seccomp.describe_syscall(arch, nr)
-
-
-def _pending(fd: int) -> tuple[bool, bool]:
-    """(POLLIN, POLLHUP) of listener ``fd`` right now, without waiting."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    ready = poller.poll(0)
-    revents = ready[0][1] if ready else 0
-    return bool(revents & select.POLLIN), bool(revents & select.POLLHUP)
-
-
 class _Supervisor:
     """The event loop of one run, from fork to the setup process's exit."""
 
@@ -413,9 +377,10 @@ class _Supervisor:
         ids: userns.HostIds,
         box: cgroups.BoxCgroup | None,
         cancel_fd: int | None,
+        receiver: notify.Receiver | None,
     ) -> None:
         self.spec, self.run_state, self.pid, self.sock = spec, run, pid, sock
-        self.ids, self.box = ids, box
+        self.ids, self.box, self.receiver = ids, box, receiver
         self.pidfd = os.pidfd_open(pid)
         self.sel = selectors.DefaultSelector()
         self.sel.register(sock, selectors.EVENT_READ, "sync")
@@ -485,13 +450,13 @@ class _Supervisor:
 
     def _step(self) -> resource.struct_rusage | None:
         exited = False
-        for key, mask in self._wait(self._timeout()):
+        for key, _ in self._wait(self._timeout()):
             if key.data == "sync":
                 self._receive()
             elif key.data == "output":
                 self._copy_output(key.fd, enforce=True)
-            elif key.data == "notify":
-                self._forbidden(key.fd, mask)
+            elif key.data == "notify" and self.receiver is not None:
+                self._forbidden(self.receiver)
             elif key.data == "cancel":
                 self._cancel(key.fd)
             elif key.data == "exit":
@@ -523,23 +488,15 @@ class _Supervisor:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
-    def _forbidden(self, fd: int, mask: int) -> None:
-        """Listener ``fd`` woke the loop with ``mask``; registered for EVENT_READ | EVENT_WRITE.
-
-        selectors maps EPOLLIN alone to EVENT_READ and EPOLLHUP (no task left under the filter)
-        or EPOLLERR to both; EPOLLOUT (a received, unanswered notification) cannot come before
-        the first receive, after which the listener is unregistered. So EVENT_READ alone is the
-        kernel's own word, at the instant it woke the loop, that a notification was pending.
-        """
-        if mask == selectors.EVENT_READ or _pending(fd)[0]:
+    def _forbidden(self, receiver: notify.Receiver) -> None:
+        """The receiver reported: any report is a forbidden call (see notify.py)."""
+        name = receiver.read()
+        self.sel.unregister(receiver.sock)
+        if name is not None:
             # Kill before the listener is closed: closing it would let the blocked syscall
-            # return ENOSYS and the program carry on (seccomp_unotify(2)). A notification that
-            # vanished since it was seen still ends the run (see _read_notification).
-            self.run_state.forbidden = _read_notification(fd) if _pending(fd)[0] else _VANISHED
-            self.sel.unregister(fd)
+            # return ENOSYS and the program carry on (seccomp_unotify(2)).
+            self.run_state.forbidden = name
             self._kill("forbidden_syscall")
-        elif _pending(fd)[1]:  # nothing can notify any more; RECV could block now
-            self.sel.unregister(fd)
 
     def _receive(self) -> None:
         try:
@@ -562,7 +519,9 @@ class _Supervisor:
             run.cpu_baseline = int(f["cpu_ns"]) / 1e9
             for fd in msg.fds:
                 run.listeners.append(fd)
-                self.sel.register(fd, selectors.EVENT_READ | selectors.EVENT_WRITE, "notify")
+            if msg.fds and self.receiver is not None:
+                self.receiver.hand_over(msg.fds[0])
+                self.sel.register(self.receiver.sock, selectors.EVENT_READ, "notify")
         elif msg.kind == protocol.SETUP_ERROR:
             reason = str(f["detail"]) or os.strerror(int(f["errno"]))
             run.setup_error = f"box setup failed in phase {f['phase']}: {f['op']}: {reason}"
@@ -583,7 +542,10 @@ class _Supervisor:
             with contextlib.suppress(OSError, HostError):
                 self.box.kill()  # nothing of the box may outlive it, even outside its pid ns
         deadline = time.monotonic() + DRAIN_TIMEOUT
-        while any(k.data in ("output", "sync") for k in self.sel.get_map().values()):
+        # The receiver's last word too, where it has one: a call whose caller vanished just
+        # before the program's end may still be on its way.
+        waited = ("output", "sync", "notify") if notify.RECV_ENDS else ("output", "sync")
+        while any(k.data in waited for k in self.sel.get_map().values()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -592,7 +554,9 @@ class _Supervisor:
                     self._receive()
                 elif key.data == "output":
                     self._copy_output(key.fd, enforce=False)
-                elif key.data in ("notify", "cancel"):
+                elif key.data == "notify" and self.receiver is not None:
+                    self._forbidden(self.receiver)
+                elif key.data == "cancel":
                     self.sel.unregister(key.fd)
 
     def _copy_output(self, fd: int, *, enforce: bool) -> None:
