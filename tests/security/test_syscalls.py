@@ -57,6 +57,14 @@ def test_those_calls_work_on_the_host(cprog, call):
     assert b"errno 0 " in out.stdout, out.stdout
 
 
+def test_unsafe_namespace_clone_lets_clone_with_namespace_flags_through(cprog, tmp_path):
+    profile = tmp_path / "unsafe.toml"
+    profile.write_text('extends = "strict"\n[seccomp]\nunsafe_namespace_clone = true\n')
+    report = in_box(cprog("syscall"), "clone_newuser", profile=str(profile))
+    assert report.verdict is not Verdict.FORBIDDEN_SYSCALL, report
+    assert report.stdout.startswith(b"clone_newuser returned"), report
+
+
 def test_clone3_answers_enosys_so_libc_falls_back_to_clone(cprog):
     report = in_box(cprog("syscall"), "clone3")
     assert report.verdict is Verdict.OK and b"errno 38 " in report.stdout
