@@ -50,7 +50,14 @@ SOCKET_FAMILIES = {"unix": socket.AF_UNIX, "inet": socket.AF_INET, "inet6": sock
 _TOP_KEYS = {"description", "extends", "box", "limits", "env", "seccomp", "bind", "image"}
 _BOX_KEYS = {"hostname", "network", "uid", "gid", "workdir", "noexec_tmp"}
 _LIMIT_KEYS = set(LIMIT_NAMES) | {"fallback"}
-_SECCOMP_KEYS = {"default", "default_errno", "allow", "rule", "socket_families", "namespace_clone"}
+_SECCOMP_KEYS = {
+    "default",
+    "default_errno",
+    "allow",
+    "rule",
+    "socket_families",
+    "unsafe_namespace_clone",
+}
 _RULE_KEYS = {"syscalls", "action", "errno", "args"}
 _ARG_KEYS = {"index", "value", "mask", "op"}
 _BIND_KEYS = {"source", "target", "writable"}
@@ -290,6 +297,14 @@ class _Validator:
         raise self.fail(key, f"expected an errno name such as EPERM, got {value!r}")
 
     def seccomp(self, value: object) -> SeccompPolicy:
+        if isinstance(value, dict) and "namespace_clone" in value:
+            raise ConfigError(
+                self.source,
+                "seccomp.namespace_clone",
+                "unknown key",
+                hint="it is now seccomp.unsafe_namespace_clone: every key that drops a "
+                "built-in guard says 'unsafe'",
+            )
         table = self.table(value, "seccomp", _SECCOMP_KEYS)
         default = self.enum(table.get("default", "kill"), SeccompAction, "seccomp.default")
         if default is SeccompAction.ALLOW:
@@ -328,8 +343,8 @@ class _Validator:
             default_errno=default_errno,
             rules=tuple(rules),
             socket_families=tuple(families),
-            allow_namespace_clone=self.typed(
-                table, "namespace_clone", bool, False, "seccomp.namespace_clone"
+            unsafe_namespace_clone=self.typed(
+                table, "unsafe_namespace_clone", bool, False, "seccomp.unsafe_namespace_clone"
             ),
         )
         from .seccomp import unknown_syscalls  # late: keeps libseccomp off the import path

@@ -9,7 +9,12 @@ so the supervisor learns the syscall's number and architecture from the kernel a
 box; the syscall itself never runs (seccomp_unotify(2)). On kernels without listeners the action
 is ``SECCOMP_RET_KILL_PROCESS`` and the report only knows a SIGSYS.
 
-Argument guards (seccomp(2) can only inspect register arguments, never memory):
+Argument guards (seccomp(2) can only inspect register arguments, never memory). They hold in
+every profile, whatever its rules say about these syscalls; only a key named ``unsafe_...``
+drops one. They are a small fixed BPF prefix in front of libseccomp's program rather than
+libseccomp rules: how libseccomp merges several rules for one syscall (an allow with argument
+conditions from a profile next to a guard's refusal) is its own business, while the prefix runs
+first and returns before that program is even reached.
 
 * ``clone``: namespace flags refused, so a program cannot build its own user namespace and regain
   capabilities in it (the root of many kernel exploits, e.g. CVE-2022-0185).
@@ -26,6 +31,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import struct
 import termios
 
 import pyseccomp as sc
@@ -47,9 +53,20 @@ NAMESPACE_FLAGS = (
 )
 TIOCLINUX = 0x541C
 X32_SYSCALL_BIT = 0x4000_0000
-_LOW32 = 0xFFFF_FFFF
-_HIGH32 = 0xFFFF_FFFF_0000_0000
-_AF_MAX = 46
+# Classic BPF (linux/filter.h, linux/bpf_common.h): struct sock_filter {u16 code; u8 jt, jf;
+# u32 k}. A conditional jump goes jt (true) or jf (false) instructions past the next one.
+_INSN = struct.Struct("=HBBI")
+_LD_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS: A = 32 bits of seccomp_data at offset k
+_JEQ = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+_JSET = 0x45  # BPF_JMP | BPF_JSET | BPF_K: true if A & k
+_RET = 0x06  # BPF_RET | BPF_K
+# seccomp_data: {int nr; u32 arch; u64 instruction_pointer; u64 args[6]}, little-endian here.
+_NR, _ARCH = 0, 4
+
+
+def _arg_low(index: int) -> int:
+    """Offset of the low 32 bits of argument ``index`` (the high half is 4 bytes further)."""
+    return 16 + 8 * index
 
 
 def unknown_syscalls(names: tuple[str, ...]) -> list[str]:
@@ -107,28 +124,69 @@ def _action(action: SeccompAction, err: int, kill: int) -> int:
     return kill
 
 
-def _add_guarded(f: sc.SyscallFilter, name: str, policy: SeccompPolicy) -> bool:
-    """Add the argument-checked form of an allowed ``name``; False if it has no guard."""
-    if name == "clone" and not policy.allow_namespace_clone:
-        f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, NAMESPACE_FLAGS, 0))
-    elif name == "clone3":
-        f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
-    elif name == "ioctl":
-        for cmd in (termios.TIOCSTI, TIOCLINUX):
-            f.add_rule(sc.ERRNO(errno.EPERM), "ioctl", sc.Arg(1, sc.MASKED_EQ, _LOW32, cmd))
-        f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.MASKED_EQ, _HIGH32, 0))
-    elif name == "socket":
-        for family in range(_AF_MAX):
-            action = sc.ALLOW if family in policy.socket_families else sc.ERRNO(errno.EAFNOSUPPORT)
-            f.add_rule(action, "socket", sc.Arg(0, sc.MASKED_EQ, _LOW32, family))
-    else:
-        return False
-    return True
+def _guards(policy: SeccompPolicy, refuse: int) -> bytes:
+    """The prefix: the argument guards for native x86_64 calls, ``refuse`` where they kill.
+
+    Every other call, and every call of another architecture or ABI (x32 numbers have bit 30
+    set, so none equals a native number), falls through to libseccomp's program, which starts
+    with its own checks of the architecture. Written with labels; each jump's offset is computed
+    as (target index) - (index of the jump + 1), since BPF counts from the next instruction.
+    """
+    nr = {n: sc.resolve_syscall(sc.Arch.X86_64, n) for n in ("ioctl", "clone", "clone3", "socket")}
+    # (code, true target, false target, k): a target is a label, None for the next instruction.
+    prog: list[tuple[int, str | None, str | None, int] | str] = [
+        (_LD_ABS, None, None, _ARCH),
+        (_JEQ, None, "main", int(sc.Arch.X86_64)),
+        (_LD_ABS, None, None, _NR),
+        (_JEQ, "ioctl", None, nr["ioctl"]),
+        (_JEQ, "clone", None, nr["clone"]),
+        (_JEQ, "enosys", None, nr["clone3"]),
+        (_JEQ, "socket", "main", nr["socket"]),
+        # The kernel reads an ioctl command as 32 bits: compare those (CVE-2019-10063), and
+        # refuse any command with high bits, which could only hide a command from a filter.
+        "ioctl",
+        (_LD_ABS, None, None, _arg_low(1)),
+        (_JEQ, "eperm", None, termios.TIOCSTI),
+        (_JEQ, "eperm", None, TIOCLINUX),
+        (_LD_ABS, None, None, _arg_low(1) + 4),
+        (_JEQ, "main", "refuse", 0),
+        # All CLONE_NEW* flags are in the low 32 bits.
+        "clone",
+        (_LD_ABS, None, None, _arg_low(0)),
+        (_JSET, "main" if policy.unsafe_namespace_clone else "refuse", "main", NAMESPACE_FLAGS),
+        "socket",
+        (_LD_ABS, None, None, _arg_low(0)),
+        *((_JEQ, "main", None, family) for family in policy.socket_families),
+        (_RET, None, None, int(sc.ERRNO(errno.EAFNOSUPPORT))),
+        "eperm",
+        (_RET, None, None, int(sc.ERRNO(errno.EPERM))),
+        "enosys",  # clone3's flags live in memory: glibc falls back to clone on ENOSYS
+        (_RET, None, None, int(sc.ERRNO(errno.ENOSYS))),
+        "refuse",
+        (_RET, None, None, refuse),
+        "main",
+    ]
+    labels: dict[str, int] = {}
+    insns: list[tuple[int, str | None, str | None, int]] = []
+    for item in prog:
+        if isinstance(item, str):
+            labels[item] = len(insns)
+        else:
+            insns.append(item)
+
+    def offset(i: int, target: str | None) -> int:
+        return 0 if target is None else labels[target] - (i + 1)
+
+    return b"".join(
+        _INSN.pack(code, offset(i, jt), offset(i, jf), k)
+        for i, (code, jt, jf, k) in enumerate(insns)
+    )
 
 
 @functools.lru_cache(maxsize=32)
 def compile_filter(policy: SeccompPolicy, *, notify: bool) -> bytes:
-    """Return the raw BPF (an array of ``struct sock_filter``) for ``policy``.
+    """Return the raw BPF (an array of ``struct sock_filter``) for ``policy``: the guards'
+    prefix (see the module docstring), then libseccomp's program.
 
     ``notify`` makes the kill action a user notification (see the module docstring). Foreign
     architectures (x86 ``int 0x80``, x32) get the same kill action: the filter only admits the
@@ -150,12 +208,10 @@ def compile_filter(policy: SeccompPolicy, *, notify: bool) -> bytes:
     for name, (action, err, conditions) in chosen.items():
         if conditions:
             f.add_rule(_action(action, err, kill), name, *(_arg(c) for c in conditions))
-        elif action is SeccompAction.ALLOW and _add_guarded(f, name, policy):
-            continue
         elif _action(action, err, kill) != default:
             f.add_rule(_action(action, err, kill), name)
     read_fd = os.memfd_create("sandbox-bpf", os.MFD_CLOEXEC)
     with os.fdopen(read_fd, "w+b") as out:
         f.export_bpf(out)
         out.seek(0)
-        return out.read()
+        return _guards(policy, default) + out.read()

@@ -116,7 +116,7 @@ class SeccompPolicy:
     default_errno: int
     rules: tuple[SeccompRule, ...]
     socket_families: tuple[int, ...]
-    allow_namespace_clone: bool
+    unsafe_namespace_clone: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,18 +9,16 @@ limit is noticed when it is due, not at the next tick of a fixed poll.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import os
 import resource
 import selectors
 import signal
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 
-from . import cgroups, child, protocol, seccomp, streams, treelimits, userns
+from . import cgroups, child, notify, protocol, seccomp, streams, treelimits, userns
 from .errors import ConfigError, HostError
 from .hostinfo import host_facts
 from .image.lock import hold_store
@@ -36,10 +34,6 @@ DRAIN_TIMEOUT = 2.0
 MIN_WAIT = 0.0002  # the loop's shortest sleep: bounds how late a CPU limit can be noticed
 PRECISE_WAIT = 0.001  # below this, wait with nanosleep rather than epoll's whole milliseconds
 CHUNK = 1 << 16
-# seccomp_unotify(2): struct seccomp_notif is {u64 id; u32 pid; u32 flags; struct seccomp_data}
-# and seccomp_data is {int nr; u32 arch; u64 instruction_pointer; u64 args[6]}.
-_NOTIF = struct.Struct("=QIIiIQ6Q")
-SECCOMP_IOCTL_NOTIF_RECV = 0xC0000000 | (_NOTIF.size << 16) | (ord("!") << 8)
 
 
 @dataclass
@@ -177,7 +171,12 @@ def run_box(
     bpf = seccomp.compile_filter(spec.profile.seccomp, notify=listener)
     rlimits, mechanisms = _rlimits(limits, isinstance(backend, HostError))
     with contextlib.ExitStack() as stack:
-        # First, while this process is alone: the copier of a socket stdin is forked here.
+        # Forked first, while the process holds the fewest descriptors and none of the box's
+        # processes exist; stopped last, after the box is killed (see notify.Receiver.stop).
+        receiver = notify.Receiver() if listener else None
+        if receiver is not None:
+            stack.callback(receiver.stop)
+        # Also before the box: the copier of a socket stdin is forked here.
         stdin_fd, copier = streams.private_stdin(stdin_fd)
         stack.callback(os.close, stdin_fd)
         stack.callback(streams.stop_copier, copier)
@@ -241,7 +240,7 @@ def run_box(
             handed_over = [fd for fd in (stdout, stderr) if isinstance(fd, int)]
             for fd in (*ours, *root_ready, *entry, *handed_over):
                 os.close(fd)
-        usage = _Supervisor(spec, run, pid, parent_sock, ids, box, cancel_fd).run()
+        usage = _Supervisor(spec, run, pid, parent_sock, ids, box, cancel_fd, receiver).run()
         report = _account(spec, run, usage, box, mechanisms, stdout, stderr)
     # The verdict is final and the box gone: only now may a slow consumer make us wait.
     for sink in (stdout, stderr):
@@ -373,16 +372,6 @@ def _applied_limits(limits: Limits, cg: str, rl: dict[str, str]) -> dict[str, Ap
     return out
 
 
-def _read_notification(fd: int) -> tuple[int, int] | None:
-    buf = bytearray(_NOTIF.size)
-    try:
-        fcntl.ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
-    except OSError:
-        return None  # the notifying task is already gone (ENOENT)
-    _, _, _, nr, arch, *_ = _NOTIF.unpack(buf)
-    return nr, arch
-
-
 class _Supervisor:
     """The event loop of one run, from fork to the setup process's exit."""
 
@@ -395,9 +384,10 @@ class _Supervisor:
         ids: userns.HostIds,
         box: cgroups.BoxCgroup | None,
         cancel_fd: int | None,
+        receiver: notify.Receiver | None,
     ) -> None:
         self.spec, self.run_state, self.pid, self.sock = spec, run, pid, sock
-        self.ids, self.box = ids, box
+        self.ids, self.box, self.receiver = ids, box, receiver
         self.pidfd = os.pidfd_open(pid)
         self.sel = selectors.DefaultSelector()
         self.sel.register(sock, selectors.EVENT_READ, "sync")
@@ -467,6 +457,7 @@ class _Supervisor:
         return events
 
     def _step(self) -> resource.struct_rusage | None:
+        exited = False
         for key, _ in self._wait(self._timeout()):
             if key.data == "sync":
                 self._receive()
@@ -474,13 +465,13 @@ class _Supervisor:
                 self._copy_output(key.fd, enforce=True)
             elif key.data == "flush":
                 self._flush(key.fd)
-            elif key.data == "notify":
-                self._forbidden(key.fd)
+            elif key.data == "notify" and self.receiver is not None:
+                self._forbidden(self.receiver)
             elif key.data == "cancel":
                 self._cancel(key.fd)
             elif key.data == "exit":
-                return os.wait4(self.pid, 0)[2]
-        return None
+                exited = True  # the rest of this batch first: a notification in it still counts
+        return os.wait4(self.pid, 0)[2] if exited else None
 
     def _cancel(self, fd: int) -> None:
         self.sel.unregister(fd)
@@ -507,13 +498,14 @@ class _Supervisor:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
-    def _forbidden(self, fd: int) -> None:
-        # Kill before the listener is closed: closing it would let the blocked syscall return
-        # ENOSYS and the program carry on (seccomp_unotify(2)).
-        call = _read_notification(fd)
-        self.sel.unregister(fd)
-        if call is not None:
-            self.run_state.forbidden = seccomp.describe_syscall(call[1], call[0])
+    def _forbidden(self, receiver: notify.Receiver) -> None:
+        """The receiver reported: any report is a forbidden call (see notify.py)."""
+        name = receiver.read()
+        self.sel.unregister(receiver.sock)
+        if name is not None:
+            # Kill before the listener is closed: closing it would let the blocked syscall
+            # return ENOSYS and the program carry on (seccomp_unotify(2)).
+            self.run_state.forbidden = name
             self._kill("forbidden_syscall")
 
     def _receive(self) -> None:
@@ -537,7 +529,9 @@ class _Supervisor:
             run.cpu_baseline = int(f["cpu_ns"]) / 1e9
             for fd in msg.fds:
                 run.listeners.append(fd)
-                self.sel.register(fd, selectors.EVENT_READ, "notify")
+            if msg.fds and self.receiver is not None:
+                self.receiver.hand_over(msg.fds[0])
+                self.sel.register(self.receiver.sock, selectors.EVENT_READ, "notify")
         elif msg.kind == protocol.SETUP_ERROR:
             reason = str(f["detail"]) or os.strerror(int(f["errno"]))
             run.setup_error = f"box setup failed in phase {f['phase']}: {f['op']}: {reason}"
@@ -572,7 +566,10 @@ class _Supervisor:
             # The writers are dead: what is left in the pipes is bounded, so read it all.
             self._resume(fd, stream)
         deadline = time.monotonic() + DRAIN_TIMEOUT
-        while any(k.data in ("output", "sync") for k in self.sel.get_map().values()):
+        # The receiver's last word too, where it has one: a call whose caller vanished just
+        # before the program's end may still be on its way.
+        waited = ("output", "sync", "notify") if notify.RECV_ENDS else ("output", "sync")
+        while any(k.data in waited for k in self.sel.get_map().values()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -581,7 +578,9 @@ class _Supervisor:
                     self._receive()
                 elif key.data == "output":
                     self._copy_output(key.fd, enforce=False)
-                elif key.data in ("notify", "cancel", "flush"):
+                elif key.data == "notify" and self.receiver is not None:
+                    self._forbidden(self.receiver)
+                elif key.data in ("cancel", "flush"):
                     self.sel.unregister(key.fd)
 
     def _copy_output(self, fd: int, *, enforce: bool) -> None:

@@ -5,6 +5,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <sys/ioctl.h>
 #include <sys/wait.h>
 #include <stdio.h>
 #include <string.h>
@@ -41,6 +42,9 @@ static long call(const char *name) {
         if (pid > 0) waitpid(pid, 0, 0);
         return pid > 0 ? 0 : pid;
     }
+    /* TIOCSTI on stdin; _high sets bit 32, which the kernel drops (its command is 32 bits). */
+    if (!strcmp(name, "tiocsti")) return syscall(SYS_ioctl, 0, (unsigned long)TIOCSTI, "x");
+    if (!strcmp(name, "tiocsti_high")) return syscall(SYS_ioctl, 0, 0x100000000UL | TIOCSTI, "x");
     if (!strcmp(name, "clone3")) return syscall(SYS_clone3, 0, 0);
     if (!strcmp(name, "x32_getpid")) return syscall(0x40000000 | SYS_getpid);
     if (!strcmp(name, "int80_getpid")) {

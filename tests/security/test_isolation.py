@@ -205,15 +205,25 @@ def test_host_loopback_listener_is_unreachable(host_listener, profile):
     assert accepted == [b"hi"]  # only the host's own connection arrived
 
 
-def test_tiocsti_is_refused_by_the_filter():
-    code = ("try:\n fcntl.ioctl(0, termios.TIOCSTI, b'x'); print('injected')\n"
-            "except OSError as e:\n print(errno.errorcode[e.errno])\n"
-            "try:\n fcntl.ioctl(0, 0x100005412, b'x')\nexcept OSError as e:\n"
-            " print(errno.errorcode[e.errno])\nexcept OverflowError:\n print('overflow')")
-    # Outside, a pipe on stdin makes the kernel answer ENOTTY: the EPERM inside is the filter.
-    assert host_python(code).stdout.splitlines()[0] == b"ENOTTY"
-    report = box_python(code)
-    assert report.stdout.splitlines()[0] == b"EPERM"
+# Probed from C: CPython's fcntl.ioctl truncates the request to 32 bits. This profile's own
+# ioctl rule (with conditions, allowing every command but 0) must not replace the guard.
+IOCTL_RULE = ('extends = "strict"\n[[seccomp.rule]]\nsyscalls = ["ioctl"]\naction = "allow"\n'
+              'args = [{ index = 1, op = "ne", value = 0 }]\n')
+
+
+@pytest.mark.parametrize("call", ["tiocsti", "tiocsti_high"])
+@pytest.mark.parametrize("rule", [False, True])
+def test_tiocsti_is_refused_by_the_filter_in_every_profile(cprog, tmp_path, call, rule):
+    prog = cprog("syscall")
+    # Outside, with stdin not a terminal, the kernel answers ENOTTY (25), high bit or not.
+    host = subprocess.run([str(prog / "syscall"), call], stdin=subprocess.DEVNULL,
+                          capture_output=True)
+    assert host.stdout.startswith(f"{call} returned -1 errno 25 ".encode()), host.stdout
+    profile = tmp_path / "ioctl.toml"
+    profile.write_text(IOCTL_RULE)
+    report = sandbox.run(["/box/bin/syscall", call], binds=[(str(prog), "/box/bin")],
+                         profile=str(profile) if rule else "strict")
+    assert report.stdout.startswith(f"{call} returned -1 errno 1 ".encode()), report  # EPERM
 
 
 def test_the_box_has_no_capabilities_no_new_privs_and_a_filter():

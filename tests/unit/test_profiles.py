@@ -75,6 +75,15 @@ def test_invalid_profiles_name_file_and_key(tmp_path, text, key, problem):
     assert problem in str(info.value)
 
 
+def test_the_old_namespace_clone_key_names_its_unsafe_successor(tmp_path):
+    path = tmp_path / "old.toml"
+    path.write_text('extends = "strict"\n[seccomp]\nnamespace_clone = true\n')
+    with pytest.raises(ConfigError) as info:
+        load_profile(str(path))
+    assert info.value.key == "seccomp.namespace_clone"
+    assert "seccomp.unsafe_namespace_clone" in (info.value.hint or "")
+
+
 def test_unknown_profile_name_lists_where_it_looked():
     with pytest.raises(ConfigError, match="no such profile") as info:
         load_profile("does-not-exist")
