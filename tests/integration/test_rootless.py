@@ -4,10 +4,12 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -138,7 +140,7 @@ def test_rootless_box_takes_only_its_share_of_the_callers_counters(as_nobody, cp
         ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sh", "-c",
          f"PYTHONPATH={ROOT}:{sysconfig.get_paths()['purelib']} SANDBOX_HOME={home}/state "
          f"/usr/bin/python3 -m sandbox exec --profile {profile} --ro-bind {tools}:/box/t -- "
-         "/box/t/counters sigpending hold 4"], stdout=subprocess.PIPE)
+         "/box/t/counters sigpending hold 4"], stdout=subprocess.PIPE, start_new_session=True)
     try:
         assert holder.stdout is not None
         line = holder.stdout.readline().split()
@@ -148,8 +150,14 @@ def test_rootless_box_takes_only_its_share_of_the_callers_counters(as_nobody, cp
                                 "probe"], capture_output=True, timeout=30)
         assert probe.stdout == b"ok\n"
     finally:
-        holder.kill()
+        os.killpg(holder.pid, signal.SIGKILL)  # the CLI too: its box dies with it
         holder.wait()
+        # Until the box's processes are gone they count against uid NOBODY's RLIMIT_NPROC,
+        # which the tests after this one measure.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and subprocess.run(
+                ["pgrep", "-u", str(NOBODY)], capture_output=True).returncode == 0:
+            time.sleep(0.05)
 
 
 # Children that each stay under the per-process limits but together pass the tree's: 12 x 240
@@ -161,6 +169,7 @@ ready_r, ready_w = os.pipe()
 hold_r, hold_w = os.pipe()
 for _ in range(12):
     if os.fork() == 0:
+        os.close(hold_w)  # so the read below ends when the parent does, whatever happens
         block = bytearray(240 << 20)
         for i in range(0, len(block), 4096):
             block[i] = 1

@@ -14,6 +14,7 @@ import pytest
 import sandbox
 from sandbox import Verdict, network
 from sandbox.spec import Link
+from tests.conftest import SANDBOX
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="linked networks need root")
 
@@ -463,10 +464,14 @@ def test_the_bridges_namespace_is_no_peer_on_the_segment(open_segment, filtered_
     assert knock(fseg, "br0", fmembers[1]) == "timeout\n"
 
 
-def test_without_nft_a_linked_group_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path))  # neither nsenter nor nft on it
-    with pytest.raises(sandbox.HostError, match="needs nsenter and nft to stop source spoofing"):
-        sandbox.run_group(write_group(tmp_path / "g", {"client": ("print(1)", [])}))
+def test_without_nft_a_linked_group_is_refused(tmp_path):
+    # A runner of its own (the library's helper may have started with another PATH), whose
+    # PATH has neither nsenter nor nft.
+    group = write_group(tmp_path / "g", {"client": ("print(1)", [])})
+    result = subprocess.run([SANDBOX, "group", "run", str(group)], capture_output=True,
+                            env={**os.environ, "PATH": str(tmp_path)}, timeout=60)
+    assert result.returncode == 125
+    assert b"needs nsenter and nft to stop source spoofing" in result.stderr
     # The namespace made before the filter is gone again: any left belongs to a live runner
     # (other runs on this host), not to the group runner that just failed.
     assert all(Path(f"/proc/{n.split('-')[1]}").is_dir() for n in network.objects())
