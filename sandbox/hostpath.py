@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import stat
 from dataclasses import dataclass
@@ -153,13 +154,35 @@ def open_input(path: str, option: str) -> int:
     return fd
 
 
+#: Names of the CLI's own descriptors (``--report /dev/stdout``): used as the descriptor.
+_OWN_DESCRIPTOR = re.compile(r"^/(?:dev/fd|proc/self/fd)/([0-9]+)$")
+_STANDARD = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+
+
 class OutputFile:
     """A file the sandbox writes (report, meta, the program's stdout): made safely, then
     renamed into place. Construct it before the program runs, so a bad target is refused
-    while nothing is lost yet."""
+    while nothing is lost yet.
+
+    Two targets are written as they are, since no box can have made them: one of the caller's
+    own descriptors by name (``/dev/stdout``, ``/dev/fd/N``) and a character device
+    (``/dev/null``; a box cannot create device nodes)."""
 
     def __init__(self, path: str, option: str) -> None:
         self.path, self.option = path, option
+        self._dir: int | None = None
+        self._tmp: str | None = None
+        match = _OWN_DESCRIPTOR.match(path)
+        own = _STANDARD.get(path, int(match.group(1)) if match else None)
+        if own is not None:
+            try:
+                self.fd = os.dup(own)
+            except OSError as e:
+                raise ConfigError(
+                    "command line", option, f"cannot write {path}: {e.strerror}"
+                ) from None
+            self._open = True
+            return
         absolute = os.path.abspath(path)
         directory, self.name = os.path.split(absolute)
         if not self.name:
@@ -171,14 +194,20 @@ class OutputFile:
                 "command line", option, f"cannot write {path}: {directory}: {e.problem}"
             ) from None
         try:
-            self._refuse_planted_target()
-            self._tmp = f".{self.name[:200]}.{secrets.token_hex(8)}.tmp"
-            self.fd = os.open(
-                self._tmp,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o644,
-                dir_fd=self._dir,
-            )
+            if self._is_device():
+                self.fd = os.open(
+                    self.name,
+                    os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC,
+                    dir_fd=self._dir,
+                )
+            else:
+                self._tmp = f".{self.name[:200]}.{secrets.token_hex(8)}.tmp"
+                self.fd = os.open(
+                    self._tmp,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o644,
+                    dir_fd=self._dir,
+                )
         except OSError as e:
             os.close(self._dir)
             raise ConfigError(
@@ -189,11 +218,15 @@ class OutputFile:
             raise
         self._open = True
 
-    def _refuse_planted_target(self) -> None:
+    def _is_device(self) -> bool:
+        """True for a character device at the target; refuses a planted one (symlink, FIFO,
+        directory, socket); False when there is none or a regular file (to be replaced)."""
         try:
             st = os.stat(self.name, dir_fd=self._dir, follow_symlinks=False)
         except FileNotFoundError:
-            return
+            return False
+        if stat.S_ISCHR(st.st_mode):
+            return True
         if not stat.S_ISREG(st.st_mode):
             kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
             raise ConfigError(
@@ -201,6 +234,7 @@ class OutputFile:
                 self.option,
                 f"{self.path} is {kind}: refusing to replace it (a box could have planted it)",
             )
+        return False
 
     def write(self, data: bytes) -> None:
         """Write all of ``data`` (a regular file: never blocks for long)."""
@@ -213,22 +247,25 @@ class OutputFile:
         if not self._open:
             return
         try:
-            ours = os.fstat(self.fd)
-            there = os.stat(self._tmp, dir_fd=self._dir, follow_symlinks=False)
-            if (there.st_dev, there.st_ino) != (ours.st_dev, ours.st_ino):
-                raise OSError(errno.EEXIST, f"{self._tmp} was replaced while it was written")
-            os.rename(self._tmp, self.name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+            if self._tmp is not None and self._dir is not None:
+                ours = os.fstat(self.fd)
+                there = os.stat(self._tmp, dir_fd=self._dir, follow_symlinks=False)
+                if (there.st_dev, there.st_ino) != (ours.st_dev, ours.st_ino):
+                    raise OSError(errno.EEXIST, f"{self._tmp} was replaced while it was written")
+                os.rename(self._tmp, self.name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
         finally:
             self._close()
 
     def discard(self) -> None:
         """Remove the unfinished file (after a failure)."""
         if self._open:
-            with contextlib.suppress(OSError):
-                os.unlink(self._tmp, dir_fd=self._dir)
+            if self._tmp is not None and self._dir is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._tmp, dir_fd=self._dir)
             self._close()
 
     def _close(self) -> None:
         os.close(self.fd)
-        os.close(self._dir)
+        if self._dir is not None:
+            os.close(self._dir)
         self._open = False

@@ -175,3 +175,12 @@ def test_a_group_report_is_not_written_through_a_planted_symlink(shared, tmp_pat
     result = run_cli("group", "run", str(group), "--report", str(d / "group.json"))
     assert result.returncode == 125 and b"is a symlink" in result.stderr
     assert victim.read_text() == "precious\n"
+
+
+def test_the_callers_own_descriptors_and_devices_are_written_as_they_are():
+    """No box can make a device node or one of the CLI's descriptors: they need no rename."""
+    result = run_cli("exec", "--report", "/dev/stdout", "--stdout", "/dev/null",
+                     "--meta", "/dev/fd/2", "--", "echo", "hidden")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["verdict"] == "ok"  # the report, not the program's output
+    assert b"status" not in result.stderr and b"time-wall:" in result.stderr
