@@ -178,6 +178,25 @@ def _strict_box() -> Check:
     )
 
 
+def _linked_networks() -> Check:
+    """Linked groups need root and nft (their anti-spoofing filter); strict does not."""
+    import shutil
+
+    missing = [tool for tool in ("nsenter", "nft") if shutil.which(tool) is None]
+    ok = os.geteuid() == 0 and not missing
+    if os.geteuid() != 0:
+        detail = "need root (they create network namespaces)"
+    else:
+        detail = "nsenter and nft found" if ok else "missing: " + ", ".join(missing)
+    return Check(
+        "linked groups",
+        ok,
+        detail,
+        "apt-get install nftables util-linux" if missing else "",
+        required=False,
+    )
+
+
 def checks() -> list[Check]:
     """Every check, in the order they are shown."""
     who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()} (rootless)"
@@ -189,6 +208,7 @@ def checks() -> list[Check]:
         _listener(),
         _mount_setattr(),
         *_cgroups(),
+        _linked_networks(),
     ]
     result.append(_strict_box())
     return result

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -402,3 +403,13 @@ def test_every_option_of_every_subcommand_is_used_by_a_test():
 
     walk(_parser())
     assert not missing
+
+
+def test_doctor_tells_whether_linked_groups_can_run(tmp_path):
+    """Without nft a linked group is refused; doctor warns (strict does not need it)."""
+    here = run_cli("doctor")
+    assert b"[ok  ] linked groups: nsenter and nft found" in here.stdout
+    python_dir = os.path.dirname(os.path.realpath(sys.executable))
+    without = run_cli("doctor", env={**os.environ, "PATH": python_dir})
+    assert b"[warn] linked groups: missing: nsenter, nft" in without.stdout
+    assert b"fix: apt-get install nftables" in without.stdout
