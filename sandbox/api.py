@@ -146,9 +146,12 @@ def _stdin_fd(stdin: bytes | str | int | None) -> int:
     if isinstance(stdin, int):
         return os.dup(stdin)
     data = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
-    fd = os.memfd_create("sandbox-stdin", os.MFD_CLOEXEC)
+    fd = os.memfd_create("sandbox-stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.write(fd, data)
     os.lseek(fd, 0, os.SEEK_SET)
+    # Sealed read-only: the box could open it again for writing (a memfd is 0777) and change
+    # what a caller reusing the bytes would see.
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
     return fd
 
 

@@ -3,9 +3,11 @@
 * **stdin** (:func:`private_stdin`): the program never gets the caller's open file description.
   A description is shared by every descriptor dup'ed from it, so flags and offsets the program
   set (``O_NONBLOCK`` on a shell's terminal or pipe, a file offset) would change the caller's.
-  The supervisor opens the same file, pipe or terminal again through ``/proc/self/fd/N`` (a new
-  description; a file keeps its current offset), or, for a socket, which cannot be opened
-  again, hands the program a pipe fed by a small copier process.
+  The supervisor opens the same file or pipe again through ``/proc/self/fd/N`` (a new
+  description; a file keeps its current offset). A socket cannot be opened again, a terminal's
+  settings (echo, size, exclusive mode) belong to the terminal, not to a description, and a
+  world-writable file (a memfd) could be opened again for writing by the box: for those the
+  program gets a pipe fed by a small copier process.
 * **stdout/stderr** (:class:`FdSink`): the supervisor copies the program's pipes to the
   caller's descriptors without ever blocking, since the same loop enforces the time limits
   (a consumer that never reads must not suspend them). Pipes and terminals are opened again
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import select
 import signal
@@ -154,13 +157,17 @@ class FdSink:
 
     def flush(self) -> None:
         while self.pending and not self.broken:
-            try:
-                written = self._write_some(memoryview(self.pending))
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENXIO):
-                    raise
+            broken = False
+            with memoryview(self.pending) as view:  # released before pending is resized
+                try:
+                    written = self._write_some(view)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENXIO):
+                        raise
+                    broken = True
+            if broken:
                 self.broken = True
                 self.pending.clear()
                 return
@@ -187,7 +194,7 @@ def private_stdin(fd: int) -> tuple[int, int | None]:
     """A descriptor of the program's stdin that shares no open file description with ``fd``,
     and the pid of the copier feeding it (None when ``fd``'s file could be opened again)."""
     st = os.fstat(fd)
-    if not stat.S_ISSOCK(st.st_mode):
+    if not (stat.S_ISSOCK(st.st_mode) or os.isatty(fd) or _writable_by_others(fd, st)):
         try:
             # O_NONBLOCK: opening a FIFO whose writer is gone must not wait for a new one.
             new = _reopen(fd, os.O_RDONLY | os.O_NONBLOCK)
@@ -200,6 +207,17 @@ def private_stdin(fd: int) -> tuple[int, int | None]:
                     os.lseek(new, os.lseek(fd, 0, os.SEEK_CUR), os.SEEK_SET)
             return new, None
     return _copier(fd)
+
+
+def _writable_by_others(fd: int, st: os.stat_result) -> bool:
+    """A regular file the box could open again for writing through ``/proc/self/fd/0`` (a
+    memfd is 0777) and that no seal makes read-only: the program must get a copy instead."""
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o002:
+        return False
+    try:
+        return not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
+    except OSError:  # not a memfd: no seals
+        return True
 
 
 def _copier(source: int) -> tuple[int, int]:

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -123,3 +124,67 @@ def test_the_library_gives_the_program_its_own_description_of_a_caller_descripto
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_a_consumer_that_goes_away_still_gets_a_verdict_and_a_report(tmp_path):
+    report = tmp_path / "r.json"
+    cli = subprocess.Popen([SANDBOX, "exec", "--wall-time", "2", "--report", str(report),
+                            "--", "yes"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert cli.stdout is not None
+    cli.stdout.read(10)
+    cli.stdout.close()  # like `| head -c 10`
+    assert cli.wait(timeout=30) == 137
+    assert cli.stderr is not None and b"internal error" not in cli.stderr.read()
+    assert json.loads(report.read_text())["verdict"] in ("wall_time_limit", "output_limit")
+
+
+TERMINAL = ("import sys, termios\n"
+            "print(sys.stdin.isatty())\n"
+            "try:\n"
+            "    attrs = termios.tcgetattr(0); attrs[3] &= ~termios.ECHO\n"
+            "    termios.tcsetattr(0, termios.TCSANOW, attrs); print('changed')\n"
+            "except termios.error:\n"
+            "    print('refused')\n")
+
+
+def test_the_callers_terminal_settings_stay_out_of_reach():
+    import termios
+
+    leader, follower = os.openpty()
+    try:
+        result = subprocess.run([SANDBOX, "exec", "--", "python3", "-c", TERMINAL],
+                                stdin=follower, capture_output=True, timeout=30)
+        assert result.stdout == b"False\nrefused\n", result.stderr
+        assert termios.tcgetattr(follower)[3] & termios.ECHO
+        # Control: a program given the terminal itself turns its echo off.
+        subprocess.run([sys.executable, "-c", TERMINAL], stdin=follower, check=True,
+                       capture_output=True, timeout=30)
+        assert not termios.tcgetattr(follower)[3] & termios.ECHO
+    finally:
+        os.close(leader)
+        os.close(follower)
+
+
+REWRITE_STDIN = ("import os\n"
+                 "try:\n"
+                 "    fd = os.open('/proc/self/fd/0', os.O_RDWR); os.pwrite(fd, b'99', 0)\n"
+                 "    print('written')\n"
+                 "except OSError as e:\n"
+                 "    print(e.errno)\n")
+
+
+def test_the_program_cannot_write_to_the_memory_file_it_reads():
+    mine = os.memfd_create("judge-input")
+    os.write(mine, b"1 2\n")
+    os.lseek(mine, 0, os.SEEK_SET)
+    try:
+        assert sandbox.run(["python3", "-c", REWRITE_STDIN], stdin=mine).ok
+        assert os.pread(mine, 16, 0) == b"1 2\n"  # the caller's input is as it was
+        report = sandbox.run(["python3", "-c", REWRITE_STDIN], stdin=b"1 2\n")
+        assert report.stdout != b"written\n"  # the library's own copy is sealed
+        # Control: on the host the same reopening writes to the memory file.
+        subprocess.run([sys.executable, "-c", REWRITE_STDIN], stdin=mine, check=True,
+                       timeout=30)
+        assert os.pread(mine, 16, 0) == b"992\n"
+    finally:
+        os.close(mine)
