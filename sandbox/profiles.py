@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -111,7 +112,11 @@ def list_profiles() -> list[str]:
 def read_toml(path: Path) -> dict[str, Any]:
     """Parse one TOML file, turning every failure into a ConfigError that names it."""
     try:
-        with path.open("rb") as f:
+        # O_NONBLOCK: a FIFO put where a file was named must not block the open.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(str(path), None, "not a regular file")
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), None, f"not valid TOML: {e}") from None

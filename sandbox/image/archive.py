@@ -21,6 +21,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import zlib
@@ -29,7 +30,16 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import ImageError
-from .dirfd import DIR_FLAGS, Unwalkable, open_dir, open_regular, remove_tree
+from ..hostpath import OutputFile, PathRefused, open_nofollow
+from .dirfd import (
+    DIR_FLAGS,
+    Unwalkable,
+    copy_data,
+    create_file,
+    open_dir,
+    open_regular,
+    remove_tree,
+)
 from .extract import split_path
 from .layerstream import GZIP_MAGIC
 from .oci import (
@@ -105,16 +115,26 @@ class _Dir:
 @contextlib.contextmanager
 def _opened(path: Path, store: Store) -> Iterator[_Dir]:
     """A layout directory as it is, or a tar archive unpacked into staging."""
-    if path.is_dir():
-        yield _Dir(str(path))
+    try:  # a layout or an archive the caller named: never reached through a symlink
+        checked = open_nofollow(os.path.abspath(path), os.O_PATH)
+    except PathRefused as e:
+        raise ImageError(f"cannot read {path}: {e.problem}") from None
+    is_dir = stat.S_ISDIR(os.fstat(checked).st_mode)
+    os.close(checked)
+    if is_dir:
+        yield _Dir(os.path.abspath(path))
         return
     staging = tempfile.mkdtemp(dir=store.root / "tmp", prefix="load-")
     try:
         try:
-            f = open(path, "rb")  # noqa: SIM115
-        except OSError as e:
-            raise ImageError(f"cannot read {path}: {e.strerror}") from None
-        with f:
+            fd = open_nofollow(os.path.abspath(path), os.O_RDONLY | os.O_NONBLOCK)
+        except PathRefused as e:
+            raise ImageError(f"cannot read {path}: {e.problem}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ImageError(f"{path} is not a regular file or a directory")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as f:
             from .extract import extract_layer
 
             extract_layer(f, staging, ARCHIVE_BUDGET)
@@ -288,13 +308,69 @@ def save_oci(images: list[tuple[str, Image]], store: Store, output: Path) -> Non
             tar.data("oci-layout", layout)
             tar.close()
         return
-    if output.exists() and any(output.iterdir()):
+    # Everything through descriptors made here: a box that can write where the layout goes
+    # must not turn a planted (or raced-in) symlink into root writing elsewhere.
+    top = _output_dir(output)
+    made: list[int] = [top]
+    try:
+        blobs_fd = _new_dir(top, "blobs")
+        made.append(blobs_fd)
+        sha_fd = _new_dir(blobs_fd, "sha256")
+        made.append(sha_fd)
+        for digest in blobs:
+            with open(store.blob_path(digest), "rb") as f:
+                _write_new(sha_fd, digest.split(":", 1)[1], f.fileno())
+        _write_new(top, "index.json", data=index)
+        _write_new(top, "oci-layout", data=layout)
+    finally:
+        for fd in made:
+            os.close(fd)
+
+
+def _output_dir(output: Path) -> int:
+    """The layout's directory: made now, or an empty one already there, never a symlink."""
+    try:
+        parent = open_nofollow(os.path.abspath(output.parent), os.O_PATH | os.O_DIRECTORY)
+    except PathRefused as e:
+        raise ImageError(f"cannot write {output}: {e.problem}") from None
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(output.name, 0o755, dir_fd=parent)
+        try:
+            fd = os.open(output.name, DIR_FLAGS, dir_fd=parent)
+        except OSError as e:
+            there = os.stat(output.name, dir_fd=parent, follow_symlinks=False)
+            planted = stat.S_ISLNK(there.st_mode)
+            problem = "it is a symlink (a box could have planted it)" if planted else e.strerror
+            raise ImageError(f"cannot write {output}: {problem}") from None
+    finally:
+        os.close(parent)
+    if os.listdir(fd):
+        os.close(fd)
         raise ImageError(f"{output} exists and is not empty")
-    (output / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-    for digest in blobs:
-        shutil.copyfile(store.blob_path(digest), output / _blob_path(digest))
-    (output / "index.json").write_bytes(index)
-    (output / "oci-layout").write_bytes(layout)
+    return fd
+
+
+def _new_dir(parent: int, name: str) -> int:
+    try:
+        os.mkdir(name, 0o755, dir_fd=parent)
+        return os.open(name, DIR_FLAGS, dir_fd=parent)
+    except OSError as e:
+        raise ImageError(f"cannot make {name} in the layout: {e.strerror}") from None
+
+
+def _write_new(parent: int, name: str, source: int | None = None, data: bytes = b"") -> None:
+    try:
+        fd = create_file(parent, name, 0o644)
+    except OSError as e:
+        raise ImageError(f"cannot write {name} in the layout: {e.strerror}") from None
+    try:
+        if source is not None:
+            copy_data(source, fd)
+        else:
+            os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def save_docker(images: list[tuple[str, Image]], store: Store, output: Path) -> None:
@@ -340,16 +416,15 @@ def _decompress(source: str, target: str) -> None:
 
 @contextlib.contextmanager
 def _atomic(output: Path) -> Iterator[BinaryIO]:
-    """Write ``output`` through a temporary file renamed into place only when complete."""
-    directory = output.parent if str(output.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{output.name}.")
+    """Write ``output`` through a new file renamed into place only when complete, never
+    through a symlink (:class:`~sandbox.hostpath.OutputFile`)."""
+    target = OutputFile(str(output), "--output")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(os.dup(target.fd), "wb") as f:
             yield f
-        os.replace(tmp, output)
+        target.commit()
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        target.discard()
         raise
 
 

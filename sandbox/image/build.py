@@ -31,6 +31,7 @@ from typing import BinaryIO
 
 from ..baseimage import world_readable
 from ..errors import ImageError
+from ..hostpath import PathRefused, open_nofollow
 from ..kernel import (
     CLONE_NEWNS,
     CLONE_NEWUSER,
@@ -51,7 +52,6 @@ from .dirfd import (
     copy_data,
     create_file,
     open_dir,
-    open_path_dir,
     open_regular,
     remove_entry,
     remove_tree,
@@ -129,9 +129,11 @@ def tree_digest(root_fd: int) -> str:
 def _read_buildfile(path: Path) -> bytes:
     """The build file's bytes; ``O_NONBLOCK`` and fstat(2): a FIFO there never blocks."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise ImageError(f"cannot read build file {path}: {e.strerror}") from None
+        # Never through a symlink: a box may have planted one in a context it could write
+        # (``Sandboxfile -> /etc/shadow``), and parse errors quote what they read.
+        fd = open_nofollow(os.path.abspath(path), os.O_RDONLY | os.O_NONBLOCK)
+    except PathRefused as e:
+        raise ImageError(f"cannot read build file {path}: {e.problem}") from None
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ImageError(f"build file {path} is not a regular file")
@@ -166,9 +168,12 @@ class Builder:
         """Build, store and tag the image; returns it."""
         instructions = parse_buildfile(_read_buildfile(buildfile), str(buildfile))
         try:
-            context_fd = open_path_dir(context)
-        except OSError:
-            raise ImageError(f"build context {context} is not a directory") from None
+            # The context too: a planted ``ctx -> /`` would put the host's files in the image.
+            context_fd = open_nofollow(
+                os.path.abspath(context), os.O_RDONLY | os.O_DIRECTORY
+            )
+        except PathRefused as e:
+            raise ImageError(f"build context {context}: {e.problem}") from None
         state = _State()
         try:
             with self.store.using():

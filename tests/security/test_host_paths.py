@@ -184,3 +184,53 @@ def test_the_callers_own_descriptors_and_devices_are_written_as_they_are():
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["verdict"] == "ok"  # the report, not the program's output
     assert b"status" not in result.stderr and b"time-wall:" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    context = tmp_path_factory.mktemp("tiny")
+    (context / "Sandboxfile").write_text("FROM scratch\nBUNDLE /bin/true\n")
+    built = run_cli("image", "build", "-t", "paths/tiny", str(context), timeout=120)
+    assert built.returncode == 0, built.stderr
+    return "paths/tiny"
+
+
+def test_a_planted_symlink_is_neither_a_build_context_nor_a_build_file(shared, tmp_path):
+    d = plant(shared, "ln -s / ctx; mkdir real; ln -s /etc/shadow real/Sandboxfile")
+    buildfile = tmp_path / "Sf"
+    buildfile.write_text("FROM scratch\nCOPY etc/passwd /leak/passwd\n")
+    # Control: through the plant, the context is the host's root and the build file its shadow.
+    assert (d / "ctx" / "etc" / "passwd").read_text() == Path("/etc/passwd").read_text()
+    assert (d / "real" / "Sandboxfile").read_text().startswith("root:")
+    context = run_cli("image", "build", "-f", str(buildfile), "-t", "paths/leak", str(d / "ctx"))
+    assert context.returncode == 125 and b"is a symlink" in context.stderr
+    buildfile_run = run_cli("image", "build", "-t", "paths/leak2", str(d / "real"))
+    assert buildfile_run.returncode == 125 and b"is a symlink" in buildfile_run.stderr
+    assert b"root:" not in buildfile_run.stderr.lower()
+
+
+def test_image_save_never_writes_through_a_planted_symlink(shared, tmp_path, tiny_image):
+    victim = tmp_path / "victim-dir"
+    victim.mkdir()
+    d = plant(shared, f"ln -s {victim} layout; ln -s {victim} parent")
+    assert os.path.realpath(d / "layout") == str(victim)  # control: the path leads there
+    for output in (d / "layout", d / "parent" / "img.tar", d / "parent" / "layout"):
+        result = run_cli("image", "save", "-o", str(output), tiny_image)
+        assert result.returncode == 125 and b"is a symlink" in result.stderr, result.stderr
+    assert list(victim.iterdir()) == []
+    made = run_cli("image", "save", "-o", str(d / "fresh"), tiny_image)  # a real path works
+    assert made.returncode == 0 and (d / "fresh" / "index.json").is_file(), made.stderr
+
+
+def test_a_fifo_named_as_an_input_file_never_blocks_the_cli(tmp_path):
+    fifo = tmp_path / "input"
+    os.mkfifo(fifo)  # as any local user could, where a path is expected
+    waited = subprocess.run(["timeout", "1", "cat", str(fifo)])
+    assert waited.returncode == 124  # control: a plain open waits for a writer
+    for args in (["exec", "--policy", str(fifo), "--", "true"],
+                 ["exec", "--profile", str(fifo), "--", "true"],
+                 ["group", "run", str(fifo)],
+                 ["image", "load", "-i", str(fifo)]):
+        result = run_cli(*args, timeout=20)
+        assert result.returncode == 125, (args, result.stderr)
+        assert b"not a regular file" in result.stderr, (args, result.stderr)
