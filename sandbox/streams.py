@@ -211,11 +211,13 @@ def private_stdin(fd: int) -> tuple[int, int | None]:
 
 def _writable_by_others(fd: int, st: os.stat_result) -> bool:
     """A regular file the box could open again for writing through ``/proc/self/fd/0`` (a
-    memfd is 0777) and that no seal makes read-only: the program must get a copy instead."""
+    memfd is 0777) and that no seals make unchangeable: the program must get a copy instead."""
     if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o002:
         return False
     try:
-        return not fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
+        # Truncating or growing it through the reopened path would change it as much.
+        sealed = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & sealed != sealed
     except OSError:  # not a memfd: no seals
         return True
 

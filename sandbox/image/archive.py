@@ -66,10 +66,10 @@ ARCHIVE_BUDGET = Budget(max_bytes=64 << 30, max_entries=100_000)
 
 
 class _Dir:
-    """Read files below a directory without ever following a symlink."""
+    """Read files below a directory, opened once, without ever following a symlink."""
 
-    def __init__(self, root: str) -> None:
-        self.root = root
+    def __init__(self, root_fd: int) -> None:
+        self.root_fd = root_fd  # the caller's to close
 
     @contextlib.contextmanager
     def open(self, relative: str) -> Iterator[BinaryIO]:
@@ -77,11 +77,9 @@ class _Dir:
         if not parts:
             raise ImageError(f"archive: bad path {relative!r}")
         try:
-            root = os.open(self.root, DIR_FLAGS)
-        except OSError as e:
-            raise ImageError(f"archive: cannot open {self.root} ({e.strerror})") from None
-        try:
-            fd = open_dir(root, parts[:-1])
+            # From the descriptor, not the path again: a box that can write above the
+            # layout could otherwise swap a parent for a symlink between two reads.
+            fd = open_dir(self.root_fd, parts[:-1])
             try:
                 opened = open_regular(fd, parts[-1])  # never blocks on a FIFO
             finally:
@@ -90,8 +88,6 @@ class _Dir:
             raise ImageError(f"archive: cannot open {relative!r} ({e})") from None
         except OSError as e:
             raise ImageError(f"archive: cannot open {relative!r} ({e.strerror})") from None
-        finally:
-            os.close(root)
         if opened is None:
             raise ImageError(f"archive: cannot open {relative!r} (not a regular file)")
         with os.fdopen(opened[0], "rb") as f:
@@ -116,14 +112,16 @@ class _Dir:
 def _opened(path: Path, store: Store) -> Iterator[_Dir]:
     """A layout directory as it is, or a tar archive unpacked into staging."""
     try:  # a layout or an archive the caller named: never reached through a symlink
-        checked = open_nofollow(os.path.abspath(path), os.O_PATH)
+        checked = open_nofollow(os.path.abspath(path), os.O_RDONLY | os.O_NONBLOCK)
     except PathRefused as e:
         raise ImageError(f"cannot read {path}: {e.problem}") from None
-    is_dir = stat.S_ISDIR(os.fstat(checked).st_mode)
-    os.close(checked)
-    if is_dir:
-        yield _Dir(os.path.abspath(path))
+    if stat.S_ISDIR(os.fstat(checked).st_mode):
+        try:
+            yield _Dir(checked)
+        finally:
+            os.close(checked)
         return
+    os.close(checked)
     staging = tempfile.mkdtemp(dir=store.root / "tmp", prefix="load-")
     try:
         try:
@@ -138,7 +136,11 @@ def _opened(path: Path, store: Store) -> Iterator[_Dir]:
             from .extract import extract_layer
 
             extract_layer(f, staging, ARCHIVE_BUDGET)
-        yield _Dir(staging)
+        staged = os.open(staging, DIR_FLAGS)  # the store's own staging directory
+        try:
+            yield _Dir(staged)
+        finally:
+            os.close(staged)
     finally:
         remove_tree(Path(staging))
 

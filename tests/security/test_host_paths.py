@@ -234,3 +234,24 @@ def test_a_fifo_named_as_an_input_file_never_blocks_the_cli(tmp_path):
         result = run_cli(*args, timeout=20)
         assert result.returncode == 125, (args, result.stderr)
         assert b"not a regular file" in result.stderr, (args, result.stderr)
+
+
+def test_a_layout_is_read_from_the_directory_checked_not_from_its_path_again(tmp_path):
+    """A box that can write above a layout swaps it for a symlink between two reads."""
+    from sandbox.hostpath import open_nofollow
+    from sandbox.image.archive import _Dir
+
+    layout, elsewhere = tmp_path / "layout", tmp_path / "elsewhere"
+    for directory, text in ((layout, "the layout's"), (elsewhere, "root's secret")):
+        directory.mkdir()
+        (directory / "index.json").write_text(text)
+    fd = open_nofollow(str(layout), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        reader = _Dir(fd)
+        assert reader.read("index.json", 100) == b"the layout's"
+        layout.rename(tmp_path / "moved")
+        layout.symlink_to(elsewhere)  # the swap
+        assert (layout / "index.json").read_text() == "root's secret"  # control: by path
+        assert reader.read("index.json", 100) == b"the layout's"
+    finally:
+        os.close(fd)

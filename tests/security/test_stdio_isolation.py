@@ -182,6 +182,15 @@ def test_the_program_cannot_write_to_the_memory_file_it_reads():
         assert os.pread(mine, 16, 0) == b"1 2\n"  # the caller's input is as it was
         report = sandbox.run(["python3", "-c", REWRITE_STDIN], stdin=b"1 2\n")
         assert report.stdout != b"written\n"  # the library's own copy is sealed
+        # Sealed against writes but not against truncation: still given only a copy.
+        sealed = os.memfd_create("judge-input", os.MFD_ALLOW_SEALING)
+        os.write(sealed, b"1 2\n")
+        fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+        os.lseek(sealed, 0, os.SEEK_SET)
+        truncate = "import os; os.truncate('/proc/self/fd/0', 0)"
+        sandbox.run(["python3", "-c", truncate], stdin=sealed)
+        assert os.pread(sealed, 16, 0) == b"1 2\n"
+        os.close(sealed)
         # Control: on the host the same reopening writes to the memory file.
         subprocess.run([sys.executable, "-c", REWRITE_STDIN], stdin=mine, check=True,
                        timeout=30)
