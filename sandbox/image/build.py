@@ -621,6 +621,21 @@ def bundle(ins: Instruction, stager: _Stager) -> None:
         _stage_host_path(lib, stager, excludes)
 
 
+def _world_reachable(path: str) -> bool:
+    """Every directory above ``path``'s real location may be entered by anyone: a 0644 file in
+    a 0700 directory is still a secret (a planted symlink could point BUNDLE at one)."""
+    directory = os.path.dirname(os.path.realpath(path))
+    while True:
+        try:
+            if not os.stat(directory).st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+        if directory == "/":
+            return True
+        directory = os.path.dirname(directory)
+
+
 def _stage_host_path(path: str, stager: _Stager, excludes: list[str]) -> list[str]:
     """Copy host ``path`` to the same place in the stage, recreating symlinks on the way."""
     copied: list[str] = []
@@ -681,7 +696,7 @@ def _copy_host(path: str, stager: _Stager) -> list[str]:
         f"{stager.where}: BUNDLE: {path} is not world-readable: refusing to put a secret in an "
         "image"
     )
-    if not world_readable(st):
+    if not world_readable(st) or not _world_reachable(path):
         raise secret
     if stager.exists(target):
         return [path]

@@ -255,3 +255,17 @@ def test_a_layout_is_read_from_the_directory_checked_not_from_its_path_again(tmp
         assert reader.read("index.json", 100) == b"the layout's"
     finally:
         os.close(fd)
+
+
+def test_bundle_never_takes_a_readable_file_from_a_private_directory(shared, tmp_path):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "token.txt").write_text("root's token\n")
+    (private / "token.txt").chmod(0o644)  # readable by mode, but nobody else may reach it
+    d = plant(shared, f"ln -s {private}/token.txt prog")
+    assert (d / "prog").read_text() == "root's token\n"  # control: root follows the plant
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Sandboxfile").write_text(f"FROM scratch\nBUNDLE {d}/prog\n")
+    result = run_cli("image", "build", "-t", "paths/bundle", str(context))
+    assert result.returncode == 125 and b"not world-readable" in result.stderr, result.stderr
