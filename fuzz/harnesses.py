@@ -16,11 +16,13 @@ import json
 import os
 import shutil
 import stat
+import struct
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from sandbox import protocol
+from sandbox import boxinit, protocol
 from sandbox.errors import ConfigError, ImageError
 from sandbox.group import load_group
 from sandbox.image import oci, registry
@@ -28,6 +30,7 @@ from sandbox.image.buildfile import parse_buildfile
 from sandbox.image.extract import extract_layer
 from sandbox.image.tarstream import Budget
 from sandbox.meta import render_meta
+from sandbox.native.build import build_parser_harness
 from sandbox.policy import load_policy
 from sandbox.profiles import load_profile
 from sandbox.report import AppliedLimit, Report, Verdict
@@ -197,7 +200,73 @@ def registry_answer(data: bytes) -> None:
     json.dumps(detail)
 
 
+class _RunParser:
+    """The native box init's request parser (sandbox/native/parse.c), built with ASan and
+    UBSan once per session and fed over a pipe; a dead process is a finding."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def parse(self, data: bytes) -> str:
+        if self.process is None:
+            binary = build_parser_harness(_SCRATCH / "fuzz_parse")
+            self.process = subprocess.Popen(
+                [str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
+        stdin, stdout = self.process.stdin, self.process.stdout
+        if stdin is None or stdout is None:
+            raise RuntimeError("no pipe to the parser")
+        stdin.write(struct.pack("<I", len(data)) + data)
+        stdin.flush()
+        line = stdout.readline()
+        if not line:
+            self.process = None
+            raise AssertionError("the native request parser crashed (see its sanitizer report)")
+        return line.decode().strip()
+
+
+_run_parser = _RunParser()
+
+
+def boxinit_request(data: bytes) -> None:
+    """The run request boxinit parses. Invariant besides memory safety: what the Python
+    encoder writes for a request is accepted, and the raw input is judged as the encoder's
+    own rules would (a request may be refused, never misread as another)."""
+    verdict = _run_parser.parse(data)
+    if data.startswith(boxinit.MAGIC) and verdict not in _PARSER_REASONS:
+        raise AssertionError(f"unexpected parser answer {verdict!r}")
+    # Re-encode a request derived from the input: the encoder's output must always parse.
+    words = [w.decode("utf-8", "replace") for w in data.split(b"\0") if w and b"=" not in w][:8]
+    request = boxinit.RunRequest(
+        argv=tuple(w.replace("\0", "") for w in words if w.strip("\0")) or ("/bin/true",),
+        env={"PATH": "/bin", "K": words[0].replace("\0", "") if words else ""},
+        cwd="/box",
+        uid=1000,
+        gid=1000,
+        rlimits=((4, len(data)),),
+        bpf=bytes(8 * (1 + len(data) % 16)),
+        listener=bool(len(data) % 2),
+        binds=tuple(boxinit.RunBind(f"/box/b{i}", bool(i % 2), bool(i % 3)) for i in range(3)),
+    )
+    try:
+        encoded = boxinit.encode_run(request)
+    except ConfigError:
+        return
+    if _run_parser.parse(encoded) != "ok":
+        raise AssertionError("the parser refused a request the encoder wrote")
+
+
+_PARSER_REASONS = {
+    "ok", "bad magic", "truncated record header", "record longer than the request",
+    "too many arguments", "bad argument", "too many environment variables",
+    "bad environment variable", "two working directories", "bad working directory", "bad ids",
+    "bad rlimit", "bad seccomp filter", "bad flags", "bad bind", "unknown record", "no argv",
+    "no working directory", "no ids", "no seccomp filter",
+}
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
+    "boxinit": boxinit_request,
     "buildfile": buildfile,
     "layer": layer,
     "oci": oci_document,

@@ -3,9 +3,17 @@
 ::
 
     supervisor
-      └─ setup (A): drops host ids, unshares namespaces, waits for its id maps, forks:
-          └─ init (B): pid 1 of the new pid namespace; builds the root, forks, reaps, reports:
-              └─ program (C): joins the box cgroup, drops every privilege, seccomp, execve
+      └─ setup (A): drops host ids, unshares namespaces, waits for its id maps, forks, then
+         becomes ``boxinit hold`` (it only waits):
+          └─ init (B): pid 1 of the new pid namespace; builds the root, then becomes the native
+             ``boxinit init`` (sandbox/native/boxinit.c), which forks, reaps and reports:
+              └─ runner (C): joins the box cgroup, receives its run, drops every privilege,
+                 seccomp, execve (native; its steps are listed in boxinit.c)
+
+The two ``execve`` into the static boxinit binary replace the interpreter: an idle box costs the
+host a few hundred KiB, and the program starts from a small process, so its rusage is its own.
+Without a cgroup (a rootless host without delegation), init stays in Python to sample the whole
+tree (treelimits.py), and C is a fork of it running :data:`PROGRAM_PHASES`.
 
 The order is data (:data:`SETUP_PHASES`, :data:`INIT_PHASES`, :data:`PROGRAM_PHASES`) so unit
 tests can check it with a recording kernel. Rules this code keeps (docs/architecture.md,
@@ -62,14 +70,15 @@ class ChildPlan:
     counter_limits: tuple[tuple[int, int], ...]  # rlimits on per-user counters, set before it
     root: RootPlan
     rlimits: tuple[tuple[int, int], ...]
-    stdio: tuple[int, int, int]
+    stdio: tuple[int, ...]  # the Python init's program: stdin, stdout, stderr; () if native
     sync: socket.socket
     bpf: bytes
     listener: bool
     supervisor_pid: int
-    root_ready: tuple[int, int]  # pipe: init writes one byte when the root is built
+    root_ready: tuple[int, ...]  # Python init: pipe, one byte when the root is built; () if native
     cgroup_entry: tuple[int, ...]  # files that move their writer into the box cgroup
     tree_limits: treelimits.TreeLimits | None = None  # no cgroup: init enforces CPU and memory
+    native_init: int | None = None  # boxinit's descriptor; None: the Python init (no cgroup)
 
 
 class PhaseError(Exception):
@@ -105,6 +114,7 @@ def isolate_fds(k: KernelOps, plan: ChildPlan) -> None:
             *plan.root_ready,
             *plan.cgroup_entry,
             *plan.root.descriptors(),
+            *((plan.native_init,) if plan.native_init is not None else ()),
         )
     )
 
@@ -220,6 +230,40 @@ def protect_init(k: KernelOps, plan: ChildPlan) -> None:
     k.set_dumpable(False)
 
 
+#: What init keeps across execve into boxinit: mounts (per-run binds), ids and the bounding set
+#: for the runner's privilege drop, rlimits above the current ones, signals to every process of
+#: the box at its end (capabilities(7); the runner drops them all before the program runs).
+NATIVE_INIT_CAPABILITIES = (
+    5,  # CAP_KILL
+    6,  # CAP_SETGID
+    7,  # CAP_SETUID
+    8,  # CAP_SETPCAP
+    21,  # CAP_SYS_ADMIN
+    24,  # CAP_SYS_RESOURCE
+)
+
+
+def become_native_init(k: KernelOps, plan: ChildPlan) -> None:
+    """Replace this interpreter with ``boxinit init``, keeping the sync socket and the
+    capabilities above (pid 1 stays pid 1 across execve; the parent-death signal stays too,
+    since no credential changes, prctl(2))."""
+    if plan.native_init is None:
+        raise PhaseError("become_native_init", "no native init", 0)
+    sync = plan.sync.fileno()
+    k.close_fds_except((sync, plan.native_init))
+    os.set_inheritable(sync, True)
+    # execve clears the ambient set of what it counts as a set-id exec: a real id other
+    # than the effective one, or a filesystem id other than it (building the root set the
+    # fsids; capabilities(7), security/commoncap.c). As root the real ids are still the
+    # host's 0: the box's ids become real, effective and filesystem ids; the saved ones stay
+    # the host's, so the program (all its ids the box's) still cannot prlimit(2) this
+    # process, and pid 1 ignores the signals it could send (pid_namespaces(7)).
+    k.set_real_ids(plan.uid, plan.gid)
+    k.keep_capabilities_across_exec(NATIVE_INIT_CAPABILITIES)
+    die_with_parent(k, plan)  # the uid change may have cleared the parent-death signal
+    k.exec_fd(plan.native_init, ("boxinit", "init", str(sync)))
+
+
 #: Before init forks the program's process. It is forked this early so the (slow) move into
 #: the box cgroup, which costs the kernel an RCU grace period, overlaps building the root.
 INIT_EARLY_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (die_with_parent,)
@@ -322,6 +366,16 @@ PROGRAM_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (
     no_new_privs,
     drop_capabilities,
 )
+#: pid 1 with the native init: the root, then boxinit does the rest (boxinit.c).
+NATIVE_INIT_PHASES: tuple[Callable[[KernelOps, ChildPlan], None], ...] = (
+    die_with_parent,
+    mount_root,
+    rearm_death_signal,
+    set_hostname,
+    set_up_network,
+    become_native_init,
+)
+
 #: The two steps after every phase above: the filter, then execve (see :func:`exec_program`).
 FINAL_STEPS = ("install_seccomp", "execve")
 
@@ -403,6 +457,9 @@ def _program(k: KernelOps, plan: ChildPlan) -> None:
 
 def _init(k: KernelOps, plan: ChildPlan) -> int:
     """pid 1: fork the program's process early, set up, reap every child until it exits."""
+    if plan.native_init is not None:
+        _run_phases(k, plan, NATIVE_INIT_PHASES)
+        raise PhaseError("become_native_init", "execve returned", 0)
     _run_phases(k, plan, INIT_EARLY_PHASES)
     program = os.fork()
     if program == 0:
@@ -445,6 +502,12 @@ def _setup(k: KernelOps, plan: ChildPlan) -> int:
     init = os.fork()
     if init == 0:
         _in_child(k, plan, _init)
+    if plan.native_init is not None:
+        # Nothing is left for Python here: wait as the small native program instead.
+        try:
+            k.exec_fd(plan.native_init, ("boxinit", "hold", str(plan.supervisor_pid)))
+        except OSError as e:
+            raise PhaseError("hold", "execve boxinit", e.errno or 0) from None
     _, status = os.waitpid(init, 0)
     return os.waitstatus_to_exitcode(status) & 0xFF
 

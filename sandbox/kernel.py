@@ -68,6 +68,7 @@ MOUNT_ATTR_NOEXEC = 0x8
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
 PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _SIOCGIFFLAGS = 0x8913
@@ -159,6 +160,7 @@ class KernelOps(Protocol):
     def setresgid(self, gid: int) -> None: ...
     def setresuid(self, uid: int) -> None: ...
     def seteuid(self, uid: int) -> None: ...
+    def set_real_ids(self, uid: int, gid: int) -> None: ...
     def unshare(self, flags: int) -> None: ...
     def set_fsids(self, uid: int, gid: int) -> None: ...
     def join_cgroup(self, entry_fd: int) -> None: ...
@@ -186,6 +188,8 @@ class KernelOps(Protocol):
     def set_no_new_privs(self) -> None: ...
     def drop_capabilities(self) -> None: ...
     def install_seccomp(self, bpf: bytes, *, listener: bool) -> int: ...
+    def keep_capabilities_across_exec(self, caps: tuple[int, ...]) -> None: ...
+    def exec_fd(self, fd: int, argv: tuple[str, ...]) -> None: ...
     def chdir(self, path: str) -> None: ...
     def execve(self, path: str, argv: tuple[str, ...], env: dict[str, str]) -> None: ...
 
@@ -204,6 +208,11 @@ class Kernel:
 
     def seteuid(self, uid: int) -> None:
         os.setresuid(-1, uid, -1)
+
+    def set_real_ids(self, uid: int, gid: int) -> None:
+        """Real, effective and filesystem ids ``uid``/``gid``; the saved ones are kept."""
+        os.setresgid(gid, gid, -1)
+        os.setresuid(uid, uid, -1)
 
     def unshare(self, flags: int) -> None:
         _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
@@ -335,6 +344,23 @@ class Kernel:
         header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
         data = (_CapData * 2)()
         _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+    def keep_capabilities_across_exec(self, caps: tuple[int, ...]) -> None:
+        # A process that is not uid 0 in its namespace loses every capability at execve
+        # unless they are ambient; raising one needs it in the inheritable set first
+        # (capabilities(7), "Transformation of capabilities during execve()").
+        header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+        data = (_CapData * 2)()
+        _check(_libc.capget(ctypes.byref(header), data), "capget")
+        for cap in caps:
+            data[cap // 32].inheritable |= 1 << (cap % 32)
+        _check(_libc.capset(ctypes.byref(header), data), "capset")
+        for cap in caps:
+            _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), "raise ambient")
+
+    def exec_fd(self, fd: int, argv: tuple[str, ...]) -> None:
+        # fexecve: the file the supervisor opened, found by no path inside the box.
+        os.execve(fd, argv, {})  # noqa: S606 - argv as given, never through a shell
 
     def install_seccomp(self, bpf: bytes, *, listener: bool) -> int:
         buf = ctypes.create_string_buffer(bpf, len(bpf))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 # Child -> supervisor.
 UNSHARED = "unshared"  # namespaces exist: write the id maps
+READY = "ready"  # the native runner is in the box cgroup, waiting for its run (boxinit.py)
 EXEC = "exec"  # execve is next; may carry the seccomp listener fd
 SETUP_ERROR = "error"  # a phase failed: phase, op, errno, detail
 EXEC_ERROR = "exec_error"  # execve failed: errno
@@ -29,6 +30,7 @@ GO = "go"
 
 _FIELDS: dict[str, dict[str, type]] = {
     UNSHARED: {},
+    READY: {},
     EXEC: {"at": int, "cpu_ns": int},
     SETUP_ERROR: {"phase": str, "op": str, "errno": int, "detail": str},
     EXEC_ERROR: {"errno": int},

@@ -18,7 +18,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from . import cgroups, child, notify, protocol, seccomp, streams, treelimits, userns
+from . import boxinit, cgroups, child, notify, protocol, seccomp, streams, treelimits, userns
 from .errors import ConfigError, HostError
 from .hostinfo import host_facts
 from .image.lock import hold_store
@@ -209,8 +209,14 @@ def run_box(
             program_fds.append(write_end)
             ours.append(write_end)
             run.streams.append(_Stream(read_end, sink, limits.output))
-        root_ready = os.pipe2(os.O_CLOEXEC)
+        native = box is not None  # without a cgroup, init samples the tree in Python
+        root_ready = os.pipe2(os.O_CLOEXEC) if not native else (-1, -1)
         entry = box.open_entry() if box is not None else ()
+        native_fd = boxinit.open_binary() if native else None
+        if native_fd is not None:
+            stack.callback(os.close, native_fd)
+        stdio = (stdin_fd, program_fds[0], program_fds[1])
+        tree_limits = _tree_limits(limits, isinstance(backend, HostError))
         plan = child.ChildPlan(
             argv=spec.argv,
             env=spec.environment,
@@ -224,29 +230,67 @@ def run_box(
             counter_limits=userns.counter_rlimits(),
             root=root,
             rlimits=rlimits,
-            stdio=(stdin_fd, program_fds[0], program_fds[1]),
+            stdio=stdio if not native else (),
             sync=child_sock,
             bpf=bpf,
             listener=listener,
             supervisor_pid=os.getpid(),
-            root_ready=root_ready,
-            cgroup_entry=entry,
-            tree_limits=_tree_limits(limits, isinstance(backend, HostError)),
+            root_ready=root_ready if not native else (),
+            cgroup_entry=entry if not native else (),
+            tree_limits=tree_limits,
+            native_init=native_fd,
         )
+        handed_over = [fd for fd in (stdout, stderr) if isinstance(fd, int)]
+        # The native runner gets stdio and the cgroup with its messages, later: until then
+        # they stay open here (closed by the loop once sent, or by the stack).
+        handoff = None
+        if native:
+            request = boxinit.RunRequest(
+                argv=spec.argv,
+                env=spec.environment,
+                cwd=spec.cwd or spec.profile.workdir,
+                uid=spec.profile.uid,
+                gid=spec.profile.gid,
+                rlimits=rlimits,
+                bpf=bpf,
+                listener=listener,
+            )
+            handoff = _Handoff(request, stdio, entry, (*ours, *handed_over, *entry))
+            stack.callback(handoff.release, handoff.ours)
         try:
             pid = child.start(Kernel(), plan)
         finally:
             child_sock.close()
-            handed_over = [fd for fd in (stdout, stderr) if isinstance(fd, int)]
-            for fd in (*ours, *root_ready, *entry, *handed_over):
-                os.close(fd)
-        usage = _Supervisor(spec, run, pid, parent_sock, ids, box, cancel_fd, receiver).run()
+            if not native:
+                for fd in (*ours, *root_ready, *entry, *handed_over):
+                    os.close(fd)
+        usage = _Supervisor(
+            spec, run, pid, parent_sock, ids, box, cancel_fd, receiver, handoff
+        ).run()
         report = _account(spec, run, usage, box, mechanisms, stdout, stderr)
     # The verdict is final and the box gone: only now may a slow consumer make us wait.
     for sink in (stdout, stderr):
         if not isinstance(sink, int):
             sink.finish()
     return report
+
+
+@dataclass
+class _Handoff:
+    """What the supervisor sends the native box as it asks (boxinit.py): the cgroup's entry
+    files with PREPARE, then the run with stdio on READY. ``ours`` are closed once sent."""
+
+    request: boxinit.RunRequest
+    stdio: tuple[int, int, int]
+    entry: tuple[int, ...]
+    ours: tuple[int, ...]
+    closed: set[int] = field(default_factory=set)
+
+    def release(self, fds: tuple[int, ...]) -> None:
+        for fd in fds:
+            if fd in self.ours and fd not in self.closed:
+                self.closed.add(fd)
+                os.close(fd)
 
 
 def _account(
@@ -385,8 +429,10 @@ class _Supervisor:
         box: cgroups.BoxCgroup | None,
         cancel_fd: int | None,
         receiver: notify.Receiver | None,
+        handoff: _Handoff | None = None,
     ) -> None:
         self.spec, self.run_state, self.pid, self.sock = spec, run, pid, sock
+        self.handoff = handoff
         self.ids, self.box, self.receiver = ids, box, receiver
         self.pidfd = os.pidfd_open(pid)
         self.sel = selectors.DefaultSelector()
@@ -524,6 +570,12 @@ class _Supervisor:
 
                 attach(self.spec.link, msg.pid)
             protocol.send(self.sock, protocol.GO)
+            if self.handoff is not None:  # queued for the box's pid 1, once it is native
+                boxinit.send_prepare(self.sock, self.handoff.entry)
+                self.handoff.release(self.handoff.entry)
+        elif msg.kind == protocol.READY and self.handoff is not None:
+            boxinit.send_run(self.sock, self.handoff.request, self.handoff.stdio)
+            self.handoff.release(self.handoff.stdio)
         elif msg.kind == protocol.EXEC:
             run.exec_at = int(f["at"]) / 1e9
             run.cpu_baseline = int(f["cpu_ns"]) / 1e9
