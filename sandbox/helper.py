@@ -7,6 +7,14 @@ the library starts this helper once, with fork+exec, and sends it each run over 
 pickled Spec and two descriptors: the run's own stream socket and the program's stdin. The
 helper forks; the fork supervises the box and writes the pickled outcome to the run's socket.
 The helper exits when the library closes the control socket.
+
+Warm boxes (Core v2): after a run of some shape (the request but for argv, environment and
+working directory), the helper keeps up to ``SANDBOX_POOL`` boxes of that shape built ahead
+(default 2; 0 turns the pool off), each in a forked process of its own that has done every
+step of the box's setup but the run itself (:class:`sandbox.supervisor.PreparedBox`). The next
+run of that shape goes to one of them, which sends the runner its argv, environment and stdio
+and supervises it as any run. A warm box runs once; the pool is refilled as soon as one is
+taken, and at most :data:`MAX_WARM` boxes wait at once (the oldest shape's go first).
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ import signal
 import socket
 import struct
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import SandboxError
@@ -91,7 +100,29 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(chunks)
 
 
-def _serve_one(request: Request, conn: socket.socket, fds: list[int]) -> None:
+MAX_WARM = 8
+DEFAULT_POOL = 2
+
+
+def pool_size() -> int:
+    """Warm boxes kept per shape: ``$SANDBOX_POOL`` (0 turns the pool off), else 2."""
+    try:
+        return max(0, min(int(os.environ.get("SANDBOX_POOL", DEFAULT_POOL)), MAX_WARM))
+    except ValueError:
+        return DEFAULT_POOL
+
+
+def shape_of(spec: Spec) -> bytes | None:
+    """The pool key of ``spec``, or None when its box cannot be built ahead (a linked
+    group's, whose network is made by its group; a build step's, whose layer is its own)."""
+    if spec.link is not None or (spec.image is not None and spec.image.upper is not None):
+        return None
+    return pickle.dumps(replace(spec, argv=(), env=(), cwd=None))
+
+
+def _serve_one(
+    request: Request, conn: socket.socket, fds: list[int], box: Any = None, at: float = 0.0
+) -> None:
     from .streams import FdSink, MemfdSink, Sink
     from .supervisor import run_box
 
@@ -108,12 +139,32 @@ def _serve_one(request: Request, conn: socket.socket, fds: list[int]) -> None:
             capture = MemfdSink(name)
             captures.append(capture.fd)
             sinks.append(capture)
+    delivered = False
+
+    def deliver(report: Report) -> None:
+        nonlocal delivered
+        delivered = True
+        with contextlib.suppress(OSError):  # the caller went away
+            send_result(conn, report, tuple(captures))
+
     try:
         if request.group is not None:
             from .group import run_group
 
             result: Any = run_group(request.group)
+        elif request.spec is not None and box is not None and box.matches(request.spec):
+            result = box.run(
+                request.spec,
+                stdin_fd,
+                sinks[0],
+                sinks[1],
+                cancel_fd=conn.fileno(),
+                requested_at=at,
+                deliver=deliver,
+            )
         elif request.spec is not None:
+            if box is not None:  # a bind source was replaced since the box was built
+                box.close()
             result = run_box(request.spec, stdin_fd, sinks[0], sinks[1], cancel_fd=conn.fileno())
         else:
             result = SandboxError("the box helper got an empty request")
@@ -121,8 +172,82 @@ def _serve_one(request: Request, conn: socket.socket, fds: list[int]) -> None:
         result = e
     except Exception as e:  # any other failure still reaches the caller, as an error
         result = SandboxError(f"internal error in the box helper: {type(e).__name__}: {e}")
+    if delivered:
+        return
     with contextlib.suppress(OSError):  # the caller went away
         send_result(conn, result, tuple(captures) if isinstance(result, Report) else ())
+
+
+@dataclass
+class _Warm:
+    """A forked process holding a box built ahead for ``shape``; ``sock`` takes its run."""
+
+    pid: int
+    sock: socket.socket
+    shape: bytes
+
+
+def _warm_box(spec: Spec, sock: socket.socket) -> None:
+    """In a fork of the helper: build a box of ``spec``'s shape, then serve one run from
+    ``sock`` (a request message with its descriptors, as on the control socket)."""
+    from .supervisor import PreparedBox
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        box = PreparedBox(spec)
+    except SandboxError:
+        box = None  # the run that comes still gets its error, from a cold start
+    with contextlib.suppress(OSError):
+        data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 4)
+    at = time.monotonic()
+    if not data:
+        if box is not None:
+            box.close()
+        return
+    request = pickle.loads(data)  # noqa: S301 - sent by the helper that forked us
+    _serve_one(request, socket.socket(fileno=fds[0]), fds[1:], box, at)
+
+
+class _Pool:
+    """The warm boxes of every shape seen, bounded per shape and in all."""
+
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.size = pool_size()
+        self.warm: list[_Warm] = []  # oldest first
+
+    def take(self, shape: bytes) -> _Warm | None:
+        """The oldest warm box of ``shape``, out of the pool."""
+        found = next((w for w in self.warm if w.shape == shape), None)
+        if found is not None:
+            self.warm.remove(found)
+        return found
+
+    def close_in_child(self) -> None:
+        """In a fork: the pool's sockets are the helper's, not this process's."""
+        for warm in self.warm:
+            warm.sock.close()
+
+    def fill(self, spec: Spec, shape: bytes) -> None:
+        """Fork warm boxes of ``shape`` until the pool holds its share."""
+        while sum(w.shape == shape for w in self.warm) < self.size:
+            if len(self.warm) >= MAX_WARM:
+                self.warm.pop(0).sock.close()  # its process sees end of file and tears down
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            template = replace(spec, argv=spec.argv[:1])
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    self.control.close()
+                    ours.close()
+                    self.close_in_child()
+                    _warm_box(template, theirs)
+                    code = 0
+                finally:
+                    os._exit(code)
+            theirs.close()
+            self.warm.append(_Warm(pid, ours, shape))
 
 
 def serve(control: socket.socket) -> None:
@@ -132,8 +257,11 @@ def serve(control: socket.socket) -> None:
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller's Ctrl-C is the caller's business
-    cgroup_backend()  # detect once; every fork inherits the answer
+    # Detect once; every fork inherits the answer. Boxes are built ahead only on the native
+    # path, which needs a cgroup (without one, the box's init needs the run's stdio to start).
+    native = not isinstance(cgroup_backend(), SandboxError)
     notify = listener_supported()
+    pool = _Pool(control)
     while True:
         data, fds, _, _ = socket.recv_fds(control, MAX_REQUEST, 4)
         if not data:
@@ -147,17 +275,30 @@ def serve(control: socket.socket) -> None:
             compile_filter(spec.profile.seccomp, notify=notify)  # inherited by forks
             if spec.profile.network is NetworkMode.LINKED:
                 import pyroute2  # noqa: F401 - imported once here, not in every fork (250 ms)
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                control.close()
-                _serve_one(request, socket.socket(fileno=fds[0]), fds[1:])
-                code = 0
-            finally:
-                os._exit(code)
+        single = request.spec if request.group is None else None
+        shape = shape_of(single) if single is not None and native and pool.size else None
+        warm = pool.take(shape) if shape is not None else None
+        if warm is not None:
+            with contextlib.suppress(OSError):  # a warm box that died: it answers nothing
+                socket.send_fds(warm.sock, [data], fds)
+            warm.sock.close()
+        else:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    control.close()
+                    pool.close_in_child()
+                    _serve_one(request, socket.socket(fileno=fds[0]), fds[1:])
+                    code = 0
+                finally:
+                    os._exit(code)
         for fd in fds:
             os.close(fd)
+        if single is not None and shape is not None:
+            pool.fill(single, shape)  # the next box of this shape builds while this one runs
+
+
 
 
 def main() -> None:

@@ -123,6 +123,22 @@ class RootPlan:
     root_size: int | None = None  # writable root of this size; read-only if None
     build_dir: HostDir | None = None  # a build step's host dir holding upper/ and work/
 
+    def still_current(self) -> bool:
+        """Whether every host path of the root still names the inode that was checked (a box
+        built ahead of its run must not bind what a path named before it was replaced)."""
+        dirs = (*self.layers, *(b.source for b in self.binds), self.build_dir)
+        for host in dirs:
+            if host is None:
+                continue
+            try:
+                fd, checked = check_source(host.checked.path)
+            except (PathRefused, OSError):
+                return False
+            os.close(fd)
+            if (checked.device, checked.inode) != (host.checked.device, host.checked.inode):
+                return False
+        return True
+
     def descriptors(self) -> tuple[int, ...]:
         """The detached trees the child attaches (the parent closes them once it has forked)."""
         dirs = (*self.layers, *(b.source for b in self.binds), self.build_dir)

@@ -225,8 +225,8 @@ def _writable_by_others(fd: int, st: os.stat_result) -> bool:
 def _copier(source: int) -> tuple[int, int]:
     """Fork a process that copies ``source`` into a pipe until end of file (for sockets).
 
-    Forked by the single-threaded supervisor before anything of the box exists; it dies with
-    the supervisor (parent-death signal) and is killed when the run ends.
+    Forked by the single-threaded supervisor; it dies with the supervisor (parent-death
+    signal) and is killed when the run ends.
     """
     from .kernel import Kernel
 
@@ -236,6 +236,9 @@ def _copier(source: int) -> tuple[int, int]:
     if pid == 0:
         try:
             Kernel().set_pdeathsig(signal.SIGKILL)
+            # Forked from a supervisor that may already hold a box's descriptors (a box built
+            # ahead of its run): keep only the two ends it copies between.
+            Kernel().close_fds_except((source, write_end))
             if os.getppid() == parent:
                 os.close(read_end)
                 while chunk := os.read(source, 1 << 16):

@@ -9,6 +9,7 @@ limit is noticed when it is due, not at the next tick of a fixed poll.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import resource
@@ -16,6 +17,7 @@ import selectors
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import boxinit, cgroups, child, notify, protocol, seccomp, streams, treelimits, userns
@@ -163,40 +165,157 @@ def run_box(
     when it becomes readable: a byte ``p`` means a peer of the box ended (``peer_exited``),
     end of file that the caller went away (``cancelled``).
     """
-    started = time.monotonic()
-    limits = spec.limits
-    backend = cgroup_backend()
-    _check_host(spec, backend)
-    listener = listener_supported()
-    bpf = seccomp.compile_filter(spec.profile.seccomp, notify=listener)
-    rlimits, mechanisms = _rlimits(limits, isinstance(backend, HostError))
-    with contextlib.ExitStack() as stack:
+    with PreparedBox(spec) as box:
+        return box.run(spec, stdin_fd, stdout, stderr, cancel_fd)
+
+
+class PreparedBox:
+    """One box, built as far as it can be before its run is known (Core v2's warm box).
+
+    With a cgroup (the native path), construction builds everything: namespaces, root,
+    cgroup, and pid 1's runner waiting inside the cgroup; :meth:`run` then sends only what
+    differs per run (argv, environment, working directory, stdio) and supervises it. Without a
+    cgroup, init stays in Python and needs stdio at its start, so the box starts in
+    :meth:`run`. A box runs once; leaving the ``with`` block (or :meth:`close`) tears down
+    whatever is left.
+    """
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.stack = contextlib.ExitStack()
+        self.used = False
+        try:
+            self._prepare(spec)
+        except BaseException:
+            self.stack.close()
+            raise
+
+    def __enter__(self) -> PreparedBox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill and remove whatever is left of the box."""
+        self.stack.close()
+
+    def matches(self, spec: Spec) -> bool:
+        """Whether ``spec`` may run in this box: the same request but for argv, environment and
+        working directory, and every bind source still the very inode the box mounted."""
+        shape = dataclasses.replace(spec, argv=self.spec.argv, env=self.spec.env, cwd=self.spec.cwd)
+        return shape == self.spec and self.root.still_current()
+
+    def _prepare(self, spec: Spec) -> None:
+        stack = self.stack
+        self.backend = backend = cgroup_backend()
+        _check_host(spec, backend)
+        self.listener = listener_supported()
+        self.bpf = seccomp.compile_filter(spec.profile.seccomp, notify=self.listener)
+        fallback = isinstance(backend, HostError)
+        self.rlimits, self.mechanisms = _rlimits(spec.limits, fallback)
         # Forked first, while the process holds the fewest descriptors and none of the box's
         # processes exist; stopped last, after the box is killed (see notify.Receiver.stop).
-        receiver = notify.Receiver() if listener else None
-        if receiver is not None:
-            stack.callback(receiver.stop)
-        # Also before the box: the copier of a socket stdin is forked here.
+        self.receiver = notify.Receiver() if self.listener else None
+        if self.receiver is not None:
+            stack.callback(self.receiver.stop)
+        if spec.image is not None and spec.image.upper is not None:
+            # A build step: root of its namespace, as the owner of the image's files.
+            self.ids = userns.HostIds(*userns.image_owner())
+        else:
+            self.ids = userns.allocate()
+        stack.callback(self.ids.release)
+        if spec.image is not None:  # prune waits until the run no longer needs its layers
+            stack.callback(os.close, hold_store(spec.image.store))
+        self.root = plan_root(spec)
+        for tree in self.root.descriptors():
+            stack.callback(os.close, tree)
+        self.box = None if fallback else backend.create(spec.limits)  # type: ignore[union-attr]
+        if self.box is not None:
+            stack.callback(self.box.destroy)
+        self.sock, self.child_sock = protocol.socketpair()
+        stack.callback(self.sock.close)
+        stack.callback(self.child_sock.close)
+        self.run_state = _Run(started=time.monotonic())
+        self.supervisor: _Supervisor | None = None
+        if self.box is not None:
+            self._start_native()
+
+    def _plan(self, native_fd: int | None, stdio: tuple[int, ...], root_ready: tuple[int, ...],
+              entry: tuple[int, ...]) -> child.ChildPlan:
+        spec = self.spec
+        return child.ChildPlan(
+            argv=spec.argv,
+            env=spec.environment,
+            hostname=spec.hostname or spec.profile.hostname,
+            network=spec.profile.network,
+            address=(spec.link.address, spec.link.prefix) if spec.link else None,
+            uid=spec.profile.uid,
+            gid=spec.profile.gid,
+            drop_groups=os.geteuid() == 0,
+            creator_uid=self.ids.uid if os.geteuid() == 0 else None,
+            counter_limits=userns.counter_rlimits(),
+            root=self.root,
+            rlimits=self.rlimits,
+            stdio=stdio,
+            sync=self.child_sock,
+            bpf=self.bpf,
+            listener=self.listener,
+            supervisor_pid=os.getpid(),
+            root_ready=root_ready,
+            cgroup_entry=entry,
+            tree_limits=_tree_limits(self.spec.limits, self.box is None),
+            native_init=native_fd,
+        )
+
+    def _start(self, plan: child.ChildPlan, handoff: _Handoff | None) -> _Supervisor:
+        try:
+            pid = child.start(Kernel(), plan)
+        finally:
+            self.child_sock.close()
+        supervisor = _Supervisor(
+            self.spec, self.run_state, pid, self.sock, self.ids, self.box, self.receiver, handoff
+        )
+        self.stack.callback(supervisor.close)
+        return supervisor
+
+    def _start_native(self) -> None:
+        """Start the box and wait until its runner is ready (native pid 1, see boxinit.py)."""
+        if self.box is None:
+            raise HostError("a native box needs a cgroup")
+        native_fd = boxinit.open_binary()
+        self.stack.callback(os.close, native_fd)
+        entry = self.box.open_entry()
+        handoff = _Handoff(entry=entry, ours=entry)
+        self.stack.callback(lambda: handoff.release(handoff.ours))
+        self.supervisor = self._start(self._plan(native_fd, (), (), ()), handoff)
+        self.supervisor.until_ready()
+
+    def run(
+        self,
+        spec: Spec,
+        stdin_fd: int,
+        stdout: Sink | int,
+        stderr: Sink | int,
+        cancel_fd: int | None = None,
+        requested_at: float | None = None,
+        deliver: Callable[[Report], None] | None = None,
+    ) -> Report:
+        """Run ``spec`` (see :func:`run_box`) in this box; once. ``requested_at``: when the
+        run was asked for, if the box was built before (its report's setup time starts
+        there, not when the box was built). ``deliver`` gets the report before the box is
+        torn down."""
+        if self.used:
+            raise HostError("a box runs only once")
+        self.used = True
+        stack, limits = self.stack, self.spec.limits
+        run = self.run_state
+        if requested_at is not None:
+            run.started = requested_at
+        # Before the program's pipes exist: the copier of a socket stdin is forked here.
         stdin_fd, copier = streams.private_stdin(stdin_fd)
         stack.callback(os.close, stdin_fd)
         stack.callback(streams.stop_copier, copier)
-        if spec.image is not None and spec.image.upper is not None:
-            # A build step: root of its namespace, as the owner of the image's files.
-            ids = userns.HostIds(*userns.image_owner())
-        else:
-            ids = userns.allocate()
-        stack.callback(ids.release)
-        if spec.image is not None:  # prune waits until the run no longer needs its layers
-            stack.callback(os.close, hold_store(spec.image.store))
-        root = plan_root(spec)
-        for tree in root.descriptors():
-            stack.callback(os.close, tree)
-        box = None if isinstance(backend, HostError) else backend.create(limits)
-        if box is not None:
-            stack.callback(box.destroy)
-        parent_sock, child_sock = protocol.socketpair()
-        stack.callback(parent_sock.close)
-        run = _Run(started=started)
         program_fds: list[int] = []
         ours: list[int] = []  # pipe ends we made for the program, closed once it has them
         for sink in (stdout, stderr):
@@ -209,87 +328,61 @@ def run_box(
             program_fds.append(write_end)
             ours.append(write_end)
             run.streams.append(_Stream(read_end, sink, limits.output))
-        native = box is not None  # without a cgroup, init samples the tree in Python
-        root_ready = os.pipe2(os.O_CLOEXEC) if not native else (-1, -1)
-        entry = box.open_entry() if box is not None else ()
-        native_fd = boxinit.open_binary() if native else None
-        if native_fd is not None:
-            stack.callback(os.close, native_fd)
         stdio = (stdin_fd, program_fds[0], program_fds[1])
-        tree_limits = _tree_limits(limits, isinstance(backend, HostError))
-        plan = child.ChildPlan(
-            argv=spec.argv,
-            env=spec.environment,
-            hostname=spec.hostname or spec.profile.hostname,
-            network=spec.profile.network,
-            address=(spec.link.address, spec.link.prefix) if spec.link else None,
-            uid=spec.profile.uid,
-            gid=spec.profile.gid,
-            drop_groups=os.geteuid() == 0,
-            creator_uid=ids.uid if os.geteuid() == 0 else None,
-            counter_limits=userns.counter_rlimits(),
-            root=root,
-            rlimits=rlimits,
-            stdio=stdio if not native else (),
-            sync=child_sock,
-            bpf=bpf,
-            listener=listener,
-            supervisor_pid=os.getpid(),
-            root_ready=root_ready if not native else (),
-            cgroup_entry=entry if not native else (),
-            tree_limits=tree_limits,
-            native_init=native_fd,
-        )
         handed_over = [fd for fd in (stdout, stderr) if isinstance(fd, int)]
-        # The native runner gets stdio and the cgroup with its messages, later: until then
-        # they stay open here (closed by the loop once sent, or by the stack).
-        handoff = None
-        if native:
+        if self.supervisor is not None:  # native: the runner waits for exactly this
             request = boxinit.RunRequest(
                 argv=spec.argv,
                 env=spec.environment,
                 cwd=spec.cwd or spec.profile.workdir,
                 uid=spec.profile.uid,
                 gid=spec.profile.gid,
-                rlimits=rlimits,
-                bpf=bpf,
-                listener=listener,
+                rlimits=self.rlimits,
+                bpf=self.bpf,
+                listener=self.listener,
             )
-            handoff = _Handoff(request, stdio, entry, (*ours, *handed_over, *entry))
-            stack.callback(handoff.release, handoff.ours)
-        try:
-            pid = child.start(Kernel(), plan)
-        finally:
-            child_sock.close()
-            if not native:
-                for fd in (*ours, *root_ready, *entry, *handed_over):
+            supervisor = self.supervisor
+            # stdio stays open here until the runner has it (closed once sent, or by the stack).
+            supervisor.hand_over(request, stdio, (*ours, *handed_over))
+        else:
+            root_ready = os.pipe2(os.O_CLOEXEC)
+            try:
+                supervisor = self._start(self._plan(None, stdio, root_ready, ()), None)
+            finally:
+                for fd in (*ours, *root_ready, *handed_over):
                     os.close(fd)
-        usage = _Supervisor(
-            spec, run, pid, parent_sock, ids, box, cancel_fd, receiver, handoff
-        ).run()
-        report = _account(spec, run, usage, box, mechanisms, stdout, stderr)
-    # The verdict is final and the box gone: only now may a slow consumer make us wait.
-    for sink in (stdout, stderr):
-        if not isinstance(sink, int):
-            sink.finish()
-    return report
+        supervisor.attach(run.streams, cancel_fd)
+        usage = supervisor.run()  # the box's processes are killed by its end
+        report = _account(spec, run, usage, self.box, self.mechanisms, stdout, stderr)
+        # The verdict is final and nothing of the box runs: only now may a slow consumer make
+        # us wait. The report goes out before the teardown (cgroup, mounts, id slot).
+        for sink in (stdout, stderr):
+            if not isinstance(sink, int):
+                sink.finish()
+        if deliver is not None:
+            deliver(report)
+        stack.close()
+        return report
 
 
 @dataclass
 class _Handoff:
-    """What the supervisor sends the native box as it asks (boxinit.py): the cgroup's entry
-    files with PREPARE, then the run with stdio on READY. ``ours`` are closed once sent."""
+    """What the supervisor sends the native box (boxinit.py): the cgroup's entry files with
+    PREPARE, then, once the runner is ready and the run known, the run with its stdio.
+    Descriptors in ``ours`` are closed exactly once: when sent, or when the box is torn down."""
 
-    request: boxinit.RunRequest
-    stdio: tuple[int, int, int]
     entry: tuple[int, ...]
     ours: tuple[int, ...]
-    closed: set[int] = field(default_factory=set)
+    request: boxinit.RunRequest | None = None
+    stdio: tuple[int, int, int] | None = None
+    ready: bool = False
+    sent: bool = False
 
     def release(self, fds: tuple[int, ...]) -> None:
+        # Numbers are forgotten once closed: a later descriptor may reuse one.
         for fd in fds:
-            if fd in self.ours and fd not in self.closed:
-                self.closed.add(fd)
+            if fd in self.ours:
+                self.ours = tuple(o for o in self.ours if o != fd)
                 os.close(fd)
 
 
@@ -417,7 +510,7 @@ def _applied_limits(limits: Limits, cg: str, rl: dict[str, str]) -> dict[str, Ap
 
 
 class _Supervisor:
-    """The event loop of one run, from fork to the setup process's exit."""
+    """The event loop of one box, from fork to the setup process's exit."""
 
     def __init__(
         self,
@@ -427,40 +520,75 @@ class _Supervisor:
         sock: socket.socket,
         ids: userns.HostIds,
         box: cgroups.BoxCgroup | None,
-        cancel_fd: int | None,
         receiver: notify.Receiver | None,
         handoff: _Handoff | None = None,
     ) -> None:
         self.spec, self.run_state, self.pid, self.sock = spec, run, pid, sock
-        self.handoff = handoff
-        self.ids, self.box, self.receiver = ids, box, receiver
+        self.ids, self.box, self.receiver, self.handoff = ids, box, receiver, handoff
         self.pidfd = os.pidfd_open(pid)
         self.sel = selectors.DefaultSelector()
         self.sel.register(sock, selectors.EVENT_READ, "sync")
         self.sel.register(self.pidfd, selectors.EVENT_READ, "exit")
-        self.streams = {s.fd: s for s in run.streams if s is not None}
+        self.streams: dict[int, _Stream] = {}
         self.flushing: dict[int, int] = {}  # a sink's descriptor -> the paused program pipe
-        for fd in self.streams:
-            self.sel.register(fd, selectors.EVENT_READ, "output")
-        if cancel_fd is not None:
-            self.sel.register(cancel_fd, selectors.EVENT_READ, "cancel")
+        self.closed = False
         limits = spec.limits
         self.cpus: float = len(limits.cpus) if limits.cpus else len(os.sched_getaffinity(0))
         if limits.cpu_quota is not None:
             self.cpus = min(self.cpus, max(limits.cpu_quota, 0.01))
 
-    def run(self) -> resource.struct_rusage:
+    def until_ready(self) -> None:
+        """Loop until the native runner waits for its run; a box that ended is a HostError."""
+        handoff = self.handoff
+        if handoff is None:
+            raise HostError("only a native box can be prepared ahead of its run")
+        while not handoff.ready:
+            if self._step() is not None:
+                raise HostError(self.run_state.setup_error or "the box ended during its setup")
+
+    def hand_over(
+        self, request: boxinit.RunRequest, stdio: tuple[int, int, int], ours: tuple[int, ...]
+    ) -> None:
+        """Send the ready runner its run; ``ours`` are closed once the runner has them."""
+        handoff = self.handoff
+        if handoff is None or not handoff.ready:
+            raise HostError("the box is not ready for a run")
+        handoff.request, handoff.stdio = request, stdio
+        handoff.ours = (*handoff.ours, *ours)
         try:
-            usage = None
-            while usage is None:
-                usage = self._step()
-            self._drain()
-            return usage
+            boxinit.send_run(self.sock, request, stdio)
         finally:
-            self.sel.close()
-            for fd in self.run_state.listeners:
-                os.close(fd)
-            os.close(self.pidfd)
+            handoff.release(ours)
+        handoff.sent = True
+
+    def attach(self, streams: list[_Stream | None], cancel_fd: int | None) -> None:
+        """The run's output pipes and its cancel descriptor join the loop."""
+        self.streams = {s.fd: s for s in streams if s is not None}
+        for fd in self.streams:
+            self.sel.register(fd, selectors.EVENT_READ, "output")
+        if cancel_fd is not None:
+            self.sel.register(cancel_fd, selectors.EVENT_READ, "cancel")
+
+    def run(self) -> resource.struct_rusage:
+        usage = None
+        while usage is None:
+            usage = self._step()
+        self._drain()
+        return usage
+
+    def close(self) -> None:
+        """Release the loop's descriptors (the box itself is killed by the caller's stack)."""
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(ProcessLookupError):  # a box given up before its run
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        self.sel.close()
+        for fd in self.run_state.listeners:
+            os.close(fd)
+        os.close(self.pidfd)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, os.WNOHANG)
 
     def _timeout(self) -> float:
         """Seconds until the next limit could be due; fires limits that are due now."""
@@ -574,8 +702,7 @@ class _Supervisor:
                 boxinit.send_prepare(self.sock, self.handoff.entry)
                 self.handoff.release(self.handoff.entry)
         elif msg.kind == protocol.READY and self.handoff is not None:
-            boxinit.send_run(self.sock, self.handoff.request, self.handoff.stdio)
-            self.handoff.release(self.handoff.stdio)
+            self.handoff.ready = True
         elif msg.kind == protocol.EXEC:
             run.exec_at = int(f["at"]) / 1e9
             run.cpu_baseline = int(f["cpu_ns"]) / 1e9
