@@ -1,0 +1,131 @@
+"""Warm boxes in the library's helper: a box built ahead serves one run, a run finds nothing
+an earlier run of the same shape left, and the pool can be switched off."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+import sandbox
+import sandbox.api
+from sandbox import Verdict
+
+EVERYTHING = {
+    "file /tmp/leftover",
+    "file /box/leftover",
+    "file /dev/shm/leftover",
+    "sysv shm",
+    "sysv msg",
+    "posix mqueue",
+    "abstract socket",
+    "environment",
+}
+
+
+def _warm_children() -> set[int]:
+    """The helper's forked processes: warm boxes waiting, or runs in progress."""
+    pid = sandbox.api._helper.process.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def leftovers(cprog, tmp_path):
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    shutil.copy(cprog("leftovers") / "leftovers", directory / "leftovers")
+    os.chmod(tmp_path, 0o755)
+    return [(str(directory), "/box/bin")]
+
+
+def test_the_check_sees_every_leftover_inside_one_run(leftovers):
+    """Control: what `leftovers make` leaves is all visible to a check in the same box."""
+    report = sandbox.run(
+        ["sh", "-c", "/box/bin/leftovers make && /box/bin/leftovers check"],
+        binds=leftovers,
+        env={"LEFTOVER": "1"},
+        pids=32,
+    )
+    assert set(report.stdout.decode().splitlines()) == EVERYTHING
+
+
+def test_a_run_finds_nothing_an_earlier_run_of_its_shape_left(leftovers):
+    """Run A leaves files in /tmp, /box and /dev/shm, SysV and POSIX IPC objects, a listening
+    abstract socket held by a background process, an environment variable and a busy cgroup;
+    run B of the same shape (served by a warm box) sees none of it and starts its counters
+    from zero."""
+    a = sandbox.run(
+        ["sh", "-c", "/box/bin/leftovers make; head -c 50000000 /dev/zero | tail -c 1 >/dev/null"],
+        binds=leftovers,
+        env={"LEFTOVER": "1"},
+        pids=32,
+    )
+    assert a.verdict is Verdict.OK, a
+    b = sandbox.run(["/box/bin/leftovers", "check"], binds=leftovers, pids=32)
+    assert b.verdict is Verdict.OK, b
+    assert b.stdout == b""
+    assert b.pids_peak in (None, 1)
+    assert b.memory_peak is not None and a.memory_peak is not None
+    assert b.memory_peak < a.memory_peak
+    assert b.cpu_time < a.cpu_time
+
+
+def test_a_warm_box_serves_the_next_run_of_its_shape_and_is_replaced():
+    """After a run, boxes of its shape wait in the helper; the next run takes one (its
+    process ends) and the pool is filled again."""
+    sandbox.run(["/bin/true"], wall_time="9s")
+    assert _wait_for(lambda: len(_warm_children()) >= 1)
+    before = _warm_children()
+    report = sandbox.run(["/bin/echo", "warm"], wall_time="9s")
+    assert report.stdout == b"warm\n"
+    assert _wait_for(lambda: not before <= _warm_children())  # one was used up
+    assert report.setup_time < 1.0
+
+
+def test_a_bind_source_replaced_after_the_box_was_built_is_seen_as_it_is_now(tmp_path):
+    """A warm box holds the directory a path named when it was built; if the path names
+    another directory by the time of the run, the run gets the new one (a cold box)."""
+    os.chmod(tmp_path, 0o755)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x").write_text("old\n")
+    binds = [(str(data), "/box/in")]
+    assert sandbox.run(["cat", "/box/in/x"], binds=binds).stdout == b"old\n"
+    time.sleep(0.5)  # the pool has built boxes of this shape with the old directory
+    data.rename(tmp_path / "old")
+    data.mkdir()
+    (data / "x").write_text("new\n")
+    assert sandbox.run(["cat", "/box/in/x"], binds=binds).stdout == b"new\n"
+
+
+def test_pool_size_zero_keeps_no_box_ahead():
+    """With SANDBOX_POOL=0 the helper builds a box only when a run asks for it."""
+    script = (
+        "import sandbox, sandbox.api, time\n"
+        "sandbox.run(['/bin/true'])\n"
+        "time.sleep(1)\n"
+        "pid = sandbox.api._helper.process.pid\n"
+        "print(open(f'/proc/{pid}/task/{pid}/children').read().split())\n"
+    )
+    env = {**os.environ, "SANDBOX_POOL": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]", out.stderr
+    env["SANDBOX_POOL"] = "2"
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert len(eval(out.stdout)) == 2, out.stderr  # control: the default keeps two
