@@ -108,6 +108,9 @@ static int64_t cpu_ns(void)
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
+/* The most of fail()'s message an op may take: the rest (phase, errno, strerror) is short. */
+#define OP_ROOM 512
+
 /* A step failed: tell the supervisor which one and why, then end this process. */
 static _Noreturn void fail(const char *phase, const char *op, int err)
 {
@@ -115,7 +118,10 @@ static _Noreturn void fail(const char *phase, const char *op, int err)
     size_t n = (size_t)snprintf(text, sizeof(text), "{\"t\":\"error\",\"phase\":");
     n += json_string(text + n, sizeof(text) - n, phase);
     n += (size_t)snprintf(text + n, sizeof(text) - n, ",\"op\":");
-    n += json_string(text + n, sizeof(text) - n, op);
+    /* op may be a path of up to PATH_MAX bytes (the working directory, a bind's target): cut
+     * it so the fields after it still fit; snprintf returns what it would have written, and
+     * an offset past the buffer would make the next write land outside it. */
+    n += json_string(text + n, OP_ROOM, op);
     n += (size_t)snprintf(text + n, sizeof(text) - n, ",\"errno\":%d,\"detail\":", err);
     n += json_string(text + n, sizeof(text) - n, err ? strerror(err) : "");
     snprintf(text + n, sizeof(text) - n, "}");
@@ -431,6 +437,12 @@ int main(int argc, char **argv)
     }
     if (argc != 3 || strcmp(argv[1], "init") != 0) {
         fprintf(stderr, "usage: boxinit hold PID | boxinit init SYNC_FD\n");
+        return 2;
+    }
+    /* Only as pid 1 of the box's pid namespace: its end is kill(-1, SIGKILL), which from any
+     * other process reaches every process it may signal, outside the box too (kill(2)). */
+    if (k_getpid() != 1) {
+        fprintf(stderr, "boxinit init: not pid 1 of a pid namespace\n");
         return 2;
     }
     char *end;
