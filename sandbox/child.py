@@ -79,6 +79,7 @@ class ChildPlan:
     cgroup_entry: tuple[int, ...]  # files that move their writer into the box cgroup
     tree_limits: treelimits.TreeLimits | None = None  # no cgroup: init enforces CPU and memory
     native_init: int | None = None  # boxinit's descriptor; None: the Python init (no cgroup)
+    init_ids: tuple[int, int] | None = None  # as root: pid 1's own ids inside (userns.py)
 
 
 class PhaseError(Exception):
@@ -254,11 +255,12 @@ def become_native_init(k: KernelOps, plan: ChildPlan) -> None:
     os.set_inheritable(sync, True)
     # execve clears the ambient set of what it counts as a set-id exec: a real id other
     # than the effective one, or a filesystem id other than it (building the root set the
-    # fsids; capabilities(7), security/commoncap.c). As root the real ids are still the
-    # host's 0: the box's ids become real, effective and filesystem ids; the saved ones stay
-    # the host's, so the program (all its ids the box's) still cannot prlimit(2) this
-    # process, and pid 1 ignores the signals it could send (pid_namespaces(7)).
-    k.set_real_ids(plan.uid, plan.gid)
+    # fsids; capabilities(7), security/commoncap.c), and it makes the saved ids the effective
+    # ones. So every id becomes the one pid 1 keeps: as root, ids of its own that the program
+    # never has, so the program cannot prlimit(2), signal or renice it; rootless only one id
+    # can be mapped and pid 1 shares the program's (it ignores the signals the program could
+    # send, pid_namespaces(7), and its own figures are not the program's).
+    k.set_real_ids(*(plan.init_ids or (plan.uid, plan.gid)))
     k.keep_capabilities_across_exec(NATIVE_INIT_CAPABILITIES)
     die_with_parent(k, plan)  # the uid change may have cleared the parent-death signal
     k.exec_fd(plan.native_init, ("boxinit", "init", str(sync)))

@@ -210,9 +210,12 @@ class Kernel:
         os.setresuid(-1, uid, -1)
 
     def set_real_ids(self, uid: int, gid: int) -> None:
-        """Real, effective and filesystem ids ``uid``/``gid``; the saved ones are kept."""
-        os.setresgid(gid, gid, -1)
-        os.setresuid(uid, uid, -1)
+        """Real, effective, saved and filesystem ids ``uid``/``gid``, keeping the permitted
+        capabilities (a build step's box leaves uid 0, which would clear them; prctl(2),
+        PR_SET_KEEPCAPS); :meth:`keep_capabilities_across_exec` restores the effective set."""
+        prctl.set_keepcaps(True)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
 
     def unshare(self, flags: int) -> None:
         _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
@@ -352,6 +355,8 @@ class Kernel:
         header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
         data = (_CapData * 2)()
         _check(_libc.capget(ctypes.byref(header), data), "capget")
+        for word in data:
+            word.effective = word.permitted
         for cap in caps:
             data[cap // 32].inheritable |= 1 << (cap % 32)
         _check(_libc.capset(ctypes.byref(header), data), "capset")

@@ -221,7 +221,7 @@ class PreparedBox:
             stack.callback(self.receiver.stop)
         if spec.image is not None and spec.image.upper is not None:
             # A build step: root of its namespace, as the owner of the image's files.
-            self.ids = userns.HostIds(*userns.image_owner())
+            self.ids = userns.build_step_ids()
         else:
             self.ids = userns.allocate()
         stack.callback(self.ids.release)
@@ -266,6 +266,7 @@ class PreparedBox:
             cgroup_entry=entry,
             tree_limits=_tree_limits(self.spec.limits, self.box is None),
             native_init=native_fd,
+            init_ids=(userns.INIT_INSIDE,) * 2 if self.ids.init is not None else None,
         )
 
     def _start(self, plan: child.ChildPlan, handoff: _Handoff | None) -> _Supervisor:

@@ -27,6 +27,12 @@ SLOTS = 65536
 #: (mapped to 0 inside, so it may change any file of the image, as a build's root does). Run
 #: boxes never get it: they see layer files as owned by nobody, read-only.
 IMAGE_OWNER = ID_BASE - 1
+#: As root, the box's pid 1 runs as a host id of its own (``INIT_BASE + slot``; a build step's,
+#: ``IMAGE_OWNER - 1``), mapped inside to :data:`INIT_INSIDE`: execve makes every id of a
+#: process equal, so with the program's ids the program could prlimit(2) its init (prlimit(2):
+#: all of the caller's ids must match the target's) and have the kernel kill it.
+INIT_BASE = ID_BASE + SLOTS
+INIT_INSIDE = 4_000_000_000
 #: Per-box bounds of per-user counters: rlimits set before the namespace exists ...
 COUNTER_RLIMITS = (
     (resource.RLIMIT_SIGPENDING, 1024),  # queued signals, POSIX timers included
@@ -48,6 +54,7 @@ class HostIds:
     uid: int
     gid: int
     lock_fd: int | None = None
+    init: int | None = None  # as root: the host uid and gid of the box's pid 1
 
     def release(self) -> None:
         if self.lock_fd is not None:
@@ -65,7 +72,7 @@ def allocate() -> HostIds:
     if taken is None:
         raise HostError("all box id slots are in use")
     fd, slot = taken
-    return HostIds(ID_BASE + slot, ID_BASE + slot, fd)
+    return HostIds(ID_BASE + slot, ID_BASE + slot, fd, INIT_BASE + slot)
 
 
 def image_owner() -> tuple[int, int]:
@@ -75,12 +82,20 @@ def image_owner() -> tuple[int, int]:
     return os.geteuid(), os.getegid()
 
 
+def build_step_ids() -> HostIds:
+    """A build step's ids: :func:`image_owner`, and as root its pid 1's own."""
+    uid, gid = image_owner()
+    return HostIds(uid, gid, init=IMAGE_OWNER - 1 if os.geteuid() == 0 else None)
+
+
 def write_maps(pid: int, inside_uid: int, inside_gid: int, ids: HostIds) -> None:
-    """Map exactly one id each way; ``setgroups`` is denied first (CVE-2014-8989) and for good."""
+    """Map the box's id each way (and, as root, its pid 1's); ``setgroups`` is denied first
+    (CVE-2014-8989) and for good."""
+    extra = f"{INIT_INSIDE} {ids.init} 1\n" if ids.init is not None else ""
     for name, text in (
         ("setgroups", "deny"),
-        ("uid_map", f"{inside_uid} {ids.uid} 1\n"),
-        ("gid_map", f"{inside_gid} {ids.gid} 1\n"),
+        ("uid_map", f"{inside_uid} {ids.uid} 1\n{extra}"),
+        ("gid_map", f"{inside_gid} {ids.gid} 1\n{extra}"),
     ):
         fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
         try:

@@ -315,12 +315,13 @@ static _Noreturn void runner(const int *cgroup_fds, int ncgroup)
         CHECK("attach_binds", b->target, k_mount_setattr(b->target, attrs));
         k_close(got.fds[4 + i]);
     }
-    /* 5. pivot_root(2) left the working directory on the old root: enter the box's. */
-    CHECK("chdir", run.cwd, k_chdir(run.cwd));
-    /* 6. Become the box's uid/gid (never 0): from here the program cannot signal, trace or
-     *    read the box's init. */
+    /* 5. Become the program's uid/gid (as root, pid 1 has ids of its own): from here the
+     *    program cannot signal, trace, prlimit or read the box's init. */
     CHECK("switch_ids", "setresgid", k_setresgid(run.gid));
     CHECK("switch_ids", "setresuid", k_setresuid(run.uid));
+    /* 6. pivot_root(2) left the working directory on the old root: enter the box's, with the
+     *    program's own access rights. */
+    CHECK("chdir", run.cwd, k_chdir(run.cwd));
     /* 7. No controlling terminal, so TIOCSTI cannot reach the caller's (CVE-2017-5226). */
     CHECK("new_session", "setsid", k_setsid());
     /* 8. Limits from the supervisor's table. */

@@ -121,3 +121,32 @@ def test_init_refuses_to_run_as_anything_but_pid_1(binaries):
     )
     got = json.loads(result.stdout)
     assert got == {"init": 2, "victim_alive": True}
+
+
+PRLIMIT = textwrap.dedent(
+    """
+    import os, resource
+    try:
+        resource.prlimit(1, resource.RLIMIT_CPU, (1, 1))
+        print("init: allowed")
+    except PermissionError:
+        print("init: refused")
+    child = os.fork()
+    if child == 0:
+        import time
+        time.sleep(2)
+        os._exit(0)
+    resource.prlimit(child, resource.RLIMIT_CPU, (1, 1))  # the call itself is allowed
+    print("own child: allowed")
+    """
+)
+
+
+def test_the_program_cannot_prlimit_the_box_init():
+    """As root the box's pid 1 has ids of its own, so the program cannot lower its limits
+    (with RLIMIT_CPU at 1 s, the kernel would SIGKILL it and end the run without a report);
+    the same call on a process with the program's ids works, so only the ids refuse it."""
+    import sandbox
+
+    report = sandbox.run(["python3", "-c", PRLIMIT], profile="strict")
+    assert report.stdout.decode().split("\n")[:2] == ["init: refused", "own child: allowed"]

@@ -83,9 +83,9 @@ def test_runner_steps_come_in_the_documented_order(recording):
         "mkdir",  # ... /box/in
         "move_mount",
         "mount_setattr",
-        "chdir",
         "setresgid",
         "setresuid",
+        "chdir",
         "setsid",
         "setrlimit",
         "setrlimit",
