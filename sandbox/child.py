@@ -505,8 +505,12 @@ def _setup(k: KernelOps, plan: ChildPlan) -> int:
     if init == 0:
         _in_child(k, plan, _init)
     if plan.native_init is not None:
-        # Nothing is left for Python here: wait as the small native program instead.
+        # Nothing is left for Python here: wait as the small native program instead, with
+        # init's ids: the parent-death signal is a signal like any other, checked against the
+        # sender's ids (kill(2)), and A keeps no capability across this execve to override it.
         try:
+            if plan.init_ids is not None:
+                k.set_real_ids(*plan.init_ids)
             k.exec_fd(plan.native_init, ("boxinit", "hold", str(plan.supervisor_pid)))
         except OSError as e:
             raise PhaseError("hold", "execve boxinit", e.errno or 0) from None

@@ -113,9 +113,10 @@ def pool_size() -> int:
 
 
 def shape_of(spec: Spec) -> bytes | None:
-    """The pool key of ``spec``, or None when its box cannot be built ahead (a linked
-    group's, whose network is made by its group; a build step's, whose layer is its own)."""
-    if spec.link is not None or (spec.image is not None and spec.image.upper is not None):
+    """The pool key of ``spec``, or None when its box is not built ahead: a linked group's
+    (its network is made by its group), and one on an image (a box holds the store's shared
+    lock from its start, and an idle box must not keep ``sandbox image prune`` waiting)."""
+    if spec.link is not None or spec.image is not None:
         return None
     return pickle.dumps(replace(spec, argv=(), env=(), cwd=None))
 

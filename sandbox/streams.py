@@ -238,9 +238,8 @@ def _copier(source: int) -> tuple[int, int]:
             Kernel().set_pdeathsig(signal.SIGKILL)
             # Forked from a supervisor that may already hold a box's descriptors (a box built
             # ahead of its run): keep only the two ends it copies between.
-            Kernel().close_fds_except((source, write_end))
+            Kernel().close_fds_except((source, write_end))  # read_end too
             if os.getppid() == parent:
-                os.close(read_end)
                 while chunk := os.read(source, 1 << 16):
                     view = memoryview(chunk)
                     while view:

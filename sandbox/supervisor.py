@@ -165,8 +165,15 @@ def run_box(
     when it becomes readable: a byte ``p`` means a peer of the box ended (``peer_exited``),
     end of file that the caller went away (``cancelled``).
     """
-    with PreparedBox(spec) as box:
-        return box.run(spec, stdin_fd, stdout, stderr, cancel_fd)
+    # The copier of a socket stdin is forked first, so it has its data in the pipe long before
+    # the program starts (and holds none of the box's descriptors).
+    stdin_fd, copier = streams.private_stdin(stdin_fd)
+    try:
+        with PreparedBox(spec) as box:
+            return box.run(spec, stdin_fd, stdout, stderr, cancel_fd, stdin_is_private=True)
+    finally:
+        os.close(stdin_fd)
+        streams.stop_copier(copier)
 
 
 class PreparedBox:
@@ -301,11 +308,13 @@ class PreparedBox:
         cancel_fd: int | None = None,
         requested_at: float | None = None,
         deliver: Callable[[Report], None] | None = None,
+        stdin_is_private: bool = False,
     ) -> Report:
         """Run ``spec`` (see :func:`run_box`) in this box; once. ``requested_at``: when the
         run was asked for, if the box was built before (its report's setup time starts
         there, not when the box was built). ``deliver`` gets the report before the box is
-        torn down."""
+        torn down. ``stdin_is_private``: the caller has made ``stdin_fd`` the program's own
+        (:func:`streams.private_stdin`) and closes it."""
         if self.used:
             raise HostError("a box runs only once")
         self.used = True
@@ -313,10 +322,10 @@ class PreparedBox:
         run = self.run_state
         if requested_at is not None:
             run.started = requested_at
-        # Before the program's pipes exist: the copier of a socket stdin is forked here.
-        stdin_fd, copier = streams.private_stdin(stdin_fd)
-        stack.callback(os.close, stdin_fd)
-        stack.callback(streams.stop_copier, copier)
+        if not stdin_is_private:  # before the program's pipes exist: a copier is forked here
+            stdin_fd, copier = streams.private_stdin(stdin_fd)
+            stack.callback(os.close, stdin_fd)
+            stack.callback(streams.stop_copier, copier)
         program_fds: list[int] = []
         ours: list[int] = []  # pipe ends we made for the program, closed once it has them
         for sink in (stdout, stderr):
