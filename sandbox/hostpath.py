@@ -22,7 +22,6 @@ import contextlib
 import errno
 import os
 import re
-import secrets
 import stat
 from dataclasses import dataclass
 
@@ -201,7 +200,8 @@ class OutputFile:
                     dir_fd=self._dir,
                 )
             else:
-                self._tmp = f".{self.name[:200]}.{secrets.token_hex(8)}.tmp"
+                # os.urandom is what secrets.token_hex draws from, without its imports.
+                self._tmp = f".{self.name[:200]}.{os.urandom(8).hex()}.tmp"
                 self.fd = os.open(
                     self._tmp,
                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
