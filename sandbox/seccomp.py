@@ -78,7 +78,8 @@ CACHE_ENTRIES = 64  # the most filters kept; past that the oldest written go
 
 
 def _sc() -> Any:
-    """pyseccomp, imported on first use: only a filter that is compiled needs it."""
+    """pyseccomp, imported on first use: only compiling a filter, checking syscall names and
+    naming a reported syscall need it."""
     import pyseccomp as sc
 
     return sc
