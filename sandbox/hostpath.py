@@ -23,7 +23,7 @@ import errno
 import os
 import re
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import kernel
 from .errors import ConfigError
@@ -97,8 +97,9 @@ def open_nofollow(path: str, flags: int) -> int:
         raise PathRefused(e.strerror or str(e)) from None
 
 
-@dataclass(frozen=True)
-class CheckedPath:
+# A NamedTuple rather than a dataclass: made at import several times faster, and every run
+# imports this module (docs/performance.md).
+class CheckedPath(NamedTuple):
     """What a host path was when the supervisor checked it (its identity, for re-checks)."""
 
     path: str
