@@ -339,7 +339,7 @@ def _load(key: str) -> bytes | None:
     """The stored program of ``key``, or None when there is none or it cannot be trusted: not
     the caller's, open to others, a symlink, another key's, or cut short or damaged."""
     try:
-        directory = state.open_private_dir(CACHE_DIR)
+        directory = state.open_private_dir(CACHE_DIR, create=False)  # a check makes no files
     except (OSError, SandboxError):
         return None
     try:
@@ -376,7 +376,7 @@ def _store(key: str, program: bytes) -> None:
         _CACHE_MAGIC, bytes.fromhex(key), len(program), hashlib.sha256(program).digest()
     )
     try:
-        directory = state.open_private_dir(CACHE_DIR)
+        directory = state.open_private_dir(CACHE_DIR, create=True)
     except (OSError, SandboxError):
         return
     try:

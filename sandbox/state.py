@@ -59,18 +59,21 @@ def ensure_dir(path: Path, mode: int = 0o755) -> Path:
 _PRIVATE_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def open_private_dir(name: str) -> int:
-    """A descriptor of ``state_dir()/name``, made mode 0700 if missing, for files only the
-    caller may read or write. Raises OSError (or HostError for the state dir itself) when it is
-    a symlink, not owned by the caller, or open to others.
+def open_private_dir(name: str, *, create: bool) -> int:
+    """A descriptor of ``state_dir()/name``, for files only the caller may read or write;
+    ``create`` makes it (mode 0700) and the state dir if missing. Raises OSError (or HostError
+    for the state dir itself) when it is missing, a symlink, not owned by the caller, or open
+    to others.
 
     The directory is opened without following a symlink, and its files are then reached only
     relative to the descriptor, so nothing planted on the way can redirect them.
     """
-    root = os.open(ensure_dir(state_dir()), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    home = ensure_dir(state_dir()) if create else state_dir()
+    root = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name, 0o700, dir_fd=root)
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=root)
         fd = os.open(name, _PRIVATE_DIR, dir_fd=root)
     finally:
         os.close(root)

@@ -266,3 +266,11 @@ def test_a_run_whose_filter_is_stored_never_loads_pyseccomp(home):
     assert first.stdout == "0 True\n", first.stderr
     again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert again.stdout == "0 False\n", again.stderr
+
+
+def test_checking_a_profile_writes_nothing(home):
+    load_profile("strict")
+    assert seccomp.filter_known(strict()) is False
+    assert not home.exists()  # only compiling a filter makes the state dir and the cache
+    seccomp.compile_filter(strict(), notify=True)
+    assert len(stored(home)) == 1
