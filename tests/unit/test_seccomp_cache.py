@@ -274,3 +274,15 @@ def test_checking_a_profile_writes_nothing(home):
     assert not home.exists()  # only compiling a filter makes the state dir and the cache
     seccomp.compile_filter(strict(), notify=True)
     assert len(stored(home)) == 1
+
+
+def test_without_a_known_libseccomp_nothing_is_stored_or_read(home, compiles, monkeypatch):
+    program = seccomp.compile_filter(strict(), notify=True)
+    [path] = stored(home)
+    path.write_bytes(entry(strict(), True, ALLOW_ALL))
+    monkeypatch.setattr(seccomp, "_toolchain", lambda: None)
+    seccomp.compile_filter.cache_clear()
+    assert seccomp.compile_filter(strict(), notify=True) == program
+    assert seccomp.compile_filter(strict(), notify=False) == fresh(strict(), notify=False)
+    assert compiles == [True, True, False]
+    assert stored(home) == [path] and seccomp.filter_known(strict()) is False
