@@ -13,12 +13,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import stat
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .state import ensure_dir, state_dir
 
@@ -41,8 +39,9 @@ ETC_ALLOWLIST = (
 FORMAT_VERSION = "1"
 
 
-@dataclass(frozen=True)
-class BaseLayer:
+# A NamedTuple rather than a dataclass: made at import several times faster, and every run
+# imports this module (docs/performance.md).
+class BaseLayer(NamedTuple):
     """A ready base layer and the host directories to bind on top of it."""
 
     path: Path
@@ -72,6 +71,8 @@ def world_readable(st: os.stat_result) -> bool:
 
 def _copy_public(src: Path, dst: Path) -> None:
     """Copy a file, symlink or tree, skipping what the world cannot read (secrets)."""
+    import shutil
+
     st = os.lstat(src)
     if stat.S_ISLNK(st.st_mode):
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +109,8 @@ def _write_etc(etc: Path, hostname: str, uid: int, gid: int) -> None:
 
 def _remove_abandoned_builds(layers: Path) -> None:
     """A build takes milliseconds: one older than ten minutes belongs to a killed process."""
+    import shutil
+
     for stale in layers.glob(".build-*"):
         with contextlib.suppress(OSError):
             if time.time() - stale.stat().st_mtime > 600:
@@ -125,6 +128,10 @@ def ensure_base_layer(hostname: str, uid: int, gid: int) -> BaseLayer:
     )
     if path.is_dir():
         return BaseLayer(path, host_binds)
+    # Only a build needs these (a run whose layer exists never loads them).
+    import shutil
+    import tempfile
+
     _remove_abandoned_builds(layers)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=layers))
     try:

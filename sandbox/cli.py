@@ -16,9 +16,9 @@ import json
 import os
 import select
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn, cast
 
 from .errors import EXIT_SANDBOX_ERROR, SandboxError
 from .spec import LIMIT_NAMES
@@ -77,9 +77,46 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError("command line", None, message, hint=f"see '{_Parser.deepest} --help'")
 
 
+class _Subcommands(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Subcommands whose arguments are added only when one is chosen (or all, for a complete
+    parser): ``sandbox exec`` builds one parser's arguments, not those of every command."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.builders: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+    def add_lazy(
+        self, name: str, build: Callable[[argparse.ArgumentParser], None], **kwargs: Any
+    ) -> None:
+        """Add subcommand ``name``; ``build`` adds its arguments when it is first needed."""
+        self.add_parser(name, **kwargs)
+        self.builders[name] = build
+
+    def complete(self, name: str) -> argparse.ArgumentParser:
+        """The parser of ``name``, with its arguments and the log options."""
+        child: argparse.ArgumentParser = self.choices[name]
+        build = self.builders.pop(name, None)
+        if build is not None:
+            build(child)
+            _add_log_options(child, False)
+        return child
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if values and values[0] in self.choices:
+            self.complete(values[0])
+        super().__call__(parser, namespace, values, option_string)
+
+
 def _add_log_options(parser: argparse.ArgumentParser, top: bool) -> None:
     """--log-format/--log-level on ``parser`` and, so they also work after a subcommand, on
-    every subcommand (without a default there: the top level's value stays unless given)."""
+    every subcommand (without a default there: the top level's value stays unless given).
+    A lazy subcommand gets them when its arguments are added (:class:`_Subcommands`)."""
     parser.add_argument(
         "--log-format",
         choices=("console", "json"),
@@ -92,21 +129,37 @@ def _add_log_options(parser: argparse.ArgumentParser, top: bool) -> None:
         help="'info' shows one box_finished event per run",
     )
     for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
+        if isinstance(action, argparse._SubParsersAction) and not isinstance(action, _Subcommands):
             for child in dict.fromkeys(action.choices.values()):
                 _add_log_options(child, False)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(*, complete: bool = False) -> argparse.ArgumentParser:
+    """The command line's parser; ``complete`` adds every subcommand's arguments up front."""
     from . import __version__
 
     p = _Parser(prog="sandbox", description="Run untrusted programs safely.")
     p.add_argument("--version", action="version", version=f"sandbox {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    ex = sub.add_parser(
-        "exec", help="run a command in a box", usage="sandbox exec [options] -- CMD [ARG...]"
+    sub = cast(_Subcommands, p.add_subparsers(dest="command", required=True, action=_Subcommands))
+    sub.add_lazy(
+        "exec",
+        _exec_arguments,
+        help="run a command in a box",
+        usage="sandbox exec [options] -- CMD [ARG...]",
     )
+    sub.add_lazy("profile", _profile_arguments, help="show, check or list profiles")
+    sub.add_lazy("policy", _policy_arguments, help="explain or check a policy")
+    sub.add_lazy("group", _group_arguments, help="run a group of boxes (pipes, linked network)")
+    sub.add_lazy("image", _image_arguments, help="build, list, move and remove images")
+    sub.add_lazy("doctor", lambda _: None, help="which guarantees hold on this host")
+    _add_log_options(p, True)
+    if complete:
+        for name in list(sub.builders):
+            sub.complete(name)
+    return p
+
+
+def _exec_arguments(ex: argparse.ArgumentParser) -> None:
     ex.add_argument("--profile", help="profile name or path (default: strict)")
     ex.add_argument("--image", metavar="REF", help="run on this image of the store")
     ex.add_argument(
@@ -134,13 +187,15 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--stderr", metavar="FILE", help="write the program's stderr to FILE")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
 
-    prof = sub.add_parser("profile", help="show, check or list profiles")
+
+def _profile_arguments(prof: argparse.ArgumentParser) -> None:
     psub = prof.add_subparsers(dest="action", required=True)
     psub.add_parser("show", help="print the resolved profile").add_argument("name")
     psub.add_parser("check", help="validate a profile file").add_argument("file")
     psub.add_parser("list", help="list the profiles on the search path")
 
-    pol = sub.add_parser("policy", help="explain or check a policy")
+
+def _policy_arguments(pol: argparse.ArgumentParser) -> None:
     polsub = pol.add_subparsers(dest="action", required=True)
     explain = polsub.add_parser("explain", help="which rule matches and the effective limits")
     explain.add_argument("file")
@@ -148,19 +203,19 @@ def _parser() -> argparse.ArgumentParser:
         explain.add_argument(f"--{attribute}")
     polsub.add_parser("check", help="validate a policy file").add_argument("file")
 
-    grp = sub.add_parser("group", help="run a group of boxes (pipes, linked network)")
+
+def _group_arguments(grp: argparse.ArgumentParser) -> None:
     gsub = grp.add_subparsers(dest="action", required=True)
     grun = gsub.add_parser("run", help="run every box of a group file")
     grun.add_argument("file")
     grun.add_argument("--report", metavar="FILE", help="write the group's JSON report here")
     gsub.add_parser("check", help="validate a group file").add_argument("file")
 
-    from .cli_image import add_image_parser
 
-    add_image_parser(sub)
-    sub.add_parser("doctor", help="which guarantees hold on this host")
-    _add_log_options(p, True)
-    return p
+def _image_arguments(img: argparse.ArgumentParser) -> None:
+    from .cli_image import add_image_arguments
+
+    add_image_arguments(img)
 
 
 def _attributes(args: argparse.Namespace) -> dict[str, str]:
@@ -221,7 +276,6 @@ class _RunFiles:
 
 
 def _exec(args: argparse.Namespace) -> int:
-    from . import logs
     from .errors import ConfigError
     from .request import Request, parse_bind, resolve
     from .streams import FdSink
@@ -261,10 +315,17 @@ def _exec(args: argparse.Namespace) -> int:
             spec, files.stdin, FdSink(files.fd("stdout", 1)), FdSink(files.fd("stderr", 2))
         )
         if args.log_level in ("debug", "info"):  # below that the event would be filtered
-            logs.log_run(report)
-        from .meta import render_meta
+            from . import logs  # here: logging and structlog cost a run that logs nothing
 
-        written = files.finish({"report": report.to_json(), "meta": render_meta(report)})
+            logs.log_run(report)
+        texts = {}  # rendered only for the files asked for
+        if "report" in files.outputs:
+            texts["report"] = report.to_json()
+        if "meta" in files.outputs:
+            from .meta import render_meta
+
+            texts["meta"] = render_meta(report)
+        written = files.finish(texts)
     finally:
         files.close()
     if report.error:

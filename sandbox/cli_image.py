@@ -6,14 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from .errors import ImageError
 
 
-def add_image_parser(sub: Any) -> None:
-    """Add ``image`` and its subcommands to the top-level parser."""
-    img = sub.add_parser("image", help="build, list, move and remove images")
+def add_image_arguments(img: argparse.ArgumentParser) -> None:
+    """Add the subcommands of ``sandbox image`` to its parser."""
     isub = img.add_subparsers(dest="image_command", required=True)
     isub.add_parser("ls", help="list tagged images")
     inspect = isub.add_parser("inspect", help="print an image's manifest, config and layers")

@@ -352,8 +352,10 @@ class _Validator:
                 table, "unsafe_namespace_clone", bool, False, "seccomp.unsafe_namespace_clone"
             ),
         )
-        from .seccomp import unknown_syscalls  # late: keeps libseccomp off the import path
+        from .seccomp import filter_known, unknown_syscalls
 
+        if filter_known(policy):  # compiled before: every name is known, no libseccomp needed
+            return policy
         for i, rule in enumerate(policy.rules):
             bad = unknown_syscalls(rule.syscalls)
             if bad:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
-from .policy import Policy, load_policy
 from .profiles import load_profile, parse_limits
 from .spec import (
     ABSENT_IS_TIGHTEST,
@@ -31,6 +30,7 @@ from .units import format_cpu_list, format_duration, format_size
 
 if TYPE_CHECKING:
     from .image.oci import ImageConfig
+    from .policy import Policy
 
 DEFAULT_PROFILE = "strict"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -129,7 +129,11 @@ def clamp(limits: Limits, policy: Policy | None) -> tuple[Limits, tuple[str, ...
 def resolve(request: Request) -> Spec:
     """Validate ``request`` and turn it into the frozen Spec of one run."""
     _check_types(request)
-    policy = load_policy(request.policy) if request.policy is not None else None
+    policy = None
+    if request.policy is not None:
+        from .policy import load_policy  # here: a run without a policy never needs it
+
+        policy = load_policy(request.policy)
     attributes = dict(request.attributes)
     if attributes and policy is None:
         raise ConfigError(

@@ -2,7 +2,10 @@
 
 The filter is an allowlist built with libseccomp (through pyseccomp) and exported as raw BPF,
 which the child installs with one ``seccomp(2)`` call right before ``execve``. Compilation runs
-in the supervisor, once per policy per process (``functools.lru_cache``), never in the child.
+in the supervisor, never in the child, and at most once per policy: the program is kept per
+process (``functools.lru_cache``) and on disk, under ``$SANDBOX_HOME/seccomp`` (see
+:func:`compile_filter`), so a run whose filter was compiled before never loads pyseccomp (whose
+import alone runs ``ldconfig``).
 
 Denied syscalls are reported, not just killed: the "kill" action is ``SECCOMP_RET_USER_NOTIF``,
 so the supervisor learns the syscall's number and architecture from the kernel and then kills the
@@ -28,15 +31,17 @@ first and returns before that program is even reached.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
+import hashlib
 import os
 import struct
 import termios
+from typing import Any
 
-import pyseccomp as sc
-
-from . import kernel
+from . import kernel, state
+from .errors import SandboxError
 from .spec import ArgCondition, SeccompAction, SeccompPolicy
 
 #: Syscalls the sandbox itself makes between installing the filter and the program's execve.
@@ -62,6 +67,22 @@ _JSET = 0x45  # BPF_JMP | BPF_JSET | BPF_K: true if A & k
 _RET = 0x06  # BPF_RET | BPF_K
 # seccomp_data: {int nr; u32 arch; u64 instruction_pointer; u64 args[6]}, little-endian here.
 _NR, _ARCH = 0, 4
+BPF_MAXINSNS = 4096  # the kernel's limit on one filter's length (linux/bpf_common.h)
+# A stored filter: magic, the key it was stored under, the program's length and SHA-256, then
+# the program. The key is also the file's name: a file copied or renamed to another key's name
+# is refused, and so is one cut short or damaged.
+_CACHE_MAGIC = b"sandbox-bpf-1\n"
+_CACHE_HEADER = struct.Struct(f"={len(_CACHE_MAGIC)}s32sI32s")
+CACHE_DIR = "seccomp"
+CACHE_ENTRIES = 64  # the most filters kept; past that the oldest written go
+
+
+def _sc() -> Any:
+    """pyseccomp, imported on first use: only compiling a filter, checking syscall names and
+    naming a reported syscall need it."""
+    import pyseccomp as sc
+
+    return sc
 
 
 def _arg_low(index: int) -> int:
@@ -71,11 +92,13 @@ def _arg_low(index: int) -> int:
 
 def unknown_syscalls(names: tuple[str, ...]) -> list[str]:
     """Names libseccomp does not know on this architecture."""
+    sc = _sc()
     return [n for n in names if sc.resolve_syscall(sc.Arch.NATIVE, n) < 0]
 
 
 def syscall_name(arch: int, number: int) -> str:
     """The name of syscall ``number`` on audit architecture ``arch`` (``"#N"`` when unknown)."""
+    sc = _sc()
     try:
         name: bytes = sc.resolve_syscall(arch, number)
         return name.decode()
@@ -93,6 +116,7 @@ def describe_syscall(arch: int, number: int) -> str:
 
 def arch_name(arch: int) -> str:
     """A short name for an audit architecture value (``x86_64``, ``x86``, ...)."""
+    sc = _sc()
     names = {
         sc.Arch.X86_64: "x86_64",
         sc.Arch.X86: "x86",
@@ -105,10 +129,11 @@ def arch_name(arch: int) -> str:
 
 def native_arch() -> int:
     """The audit architecture of this process."""
-    return int(sc.system_arch())
+    return int(_sc().system_arch())
 
 
-def _arg(c: ArgCondition) -> sc.Arg:
+def _arg(c: ArgCondition) -> Any:
+    sc = _sc()
     if c.equal:
         return sc.Arg(c.index, sc.MASKED_EQ, c.mask, c.value)
     if c.mask != 0xFFFF_FFFF_FFFF_FFFF:
@@ -117,6 +142,7 @@ def _arg(c: ArgCondition) -> sc.Arg:
 
 
 def _action(action: SeccompAction, err: int, kill: int) -> int:
+    sc = _sc()
     if action is SeccompAction.ALLOW:
         return int(sc.ALLOW)
     if action is SeccompAction.ERRNO:
@@ -132,6 +158,7 @@ def _guards(policy: SeccompPolicy, refuse: int) -> bytes:
     with its own checks of the architecture. Written with labels; each jump's offset is computed
     as (target index) - (index of the jump + 1), since BPF counts from the next instruction.
     """
+    sc = _sc()
     nr = {n: sc.resolve_syscall(sc.Arch.X86_64, n) for n in ("ioctl", "clone", "clone3", "socket")}
     # (code, true target, false target, k): a target is a label, None for the next instruction.
     prog: list[tuple[int, str | None, str | None, int] | str] = [
@@ -191,7 +218,40 @@ def compile_filter(policy: SeccompPolicy, *, notify: bool) -> bytes:
     ``notify`` makes the kill action a user notification (see the module docstring). Foreign
     architectures (x86 ``int 0x80``, x32) get the same kill action: the filter only admits the
     native ABI, whose numbers it was written for.
+
+    A program compiled before is read back from the filter cache, under a key made of
+    everything it depends on (:func:`_cache_key`); a stored file is used only if it is the
+    caller's, closed to others and whole (see :func:`_load`), and anything wrong with the cache
+    only means the filter is compiled again.
     """
+    key = _cache_key(policy, notify)
+    if key is not None:
+        stored = _load(key)
+        if stored is not None:
+            return stored
+    program = _compile(policy, notify)
+    # Only a policy whose every name libseccomp knows is stored, so a stored filter also
+    # vouches for its names (see filter_known); libseccomp accepts some unknown names (the
+    # multiplexed pseudo-syscalls of other architectures) that the profile checks refuse.
+    if key is not None and not any(unknown_syscalls(rule.syscalls) for rule in policy.rules):
+        _store(key, program)
+    return program
+
+
+def filter_known(policy: SeccompPolicy) -> bool:
+    """Whether a filter for ``policy`` is in the filter cache: then this libseccomp knows every
+    syscall it names, and a profile check need not load pyseccomp to ask."""
+    for notify in (True, False):
+        key = _cache_key(policy, notify)
+        if key is None:
+            return False
+        if _load(key) is not None:
+            return True
+    return False
+
+
+def _compile(policy: SeccompPolicy, notify: bool) -> bytes:
+    sc = _sc()
     kill = int(sc.NOTIFY) if notify else int(sc.KILL_PROCESS)
     default = kill if policy.default is SeccompAction.KILL else int(sc.ERRNO(policy.default_errno))
     f = sc.SyscallFilter(default)
@@ -215,3 +275,129 @@ def compile_filter(policy: SeccompPolicy, *, notify: bool) -> bytes:
         f.export_bpf(out)
         out.seek(0)
         return _guards(policy, default) + out.read()
+
+
+@functools.cache
+def _toolchain() -> str | None:
+    """What besides the policy and the notify flag determines a program: this package and
+    this module's code, the machine, and libseccomp (its version, the API level it found in the
+    kernel, and pyseccomp's module). None when libseccomp cannot be identified: then no filter
+    is stored or read back.
+
+    pyseccomp loads libseccomp by the soname ``ldconfig`` lists, libseccomp.so.2 (the soname
+    of every libseccomp 2.x), so this process asks the same library for its version.
+    """
+    import ctypes
+    from importlib.machinery import PathFinder
+
+    from . import __version__
+
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2")
+        lib.seccomp_version.restype = ctypes.POINTER(ctypes.c_uint * 3)
+        version = ".".join(str(n) for n in lib.seccomp_version().contents)
+        api = int(lib.seccomp_api_get())
+        with open(__file__, "rb") as source:
+            code = hashlib.sha256(source.read()).hexdigest()
+    except (OSError, AttributeError):
+        return None
+    spec = PathFinder.find_spec("pyseccomp")
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        st = os.stat(spec.origin)
+    except OSError:
+        return None
+    return "|".join(
+        (
+            _CACHE_MAGIC.decode().strip(),
+            __version__,
+            code,
+            os.uname().machine,
+            str(struct.calcsize("P")),
+            f"libseccomp {version} api {api}",
+            f"{spec.origin} {st.st_size} {st.st_mtime_ns}",
+        )
+    )
+
+
+def _cache_key(policy: SeccompPolicy, notify: bool) -> str | None:
+    """The filter cache's key (hex SHA-256) of ``policy``'s program, or None (no cache).
+
+    The policy's repr holds every field the compiler reads: the default, every rule with its
+    expanded syscalls, action, errno and argument conditions, the socket families and the
+    guards' ``unsafe_`` keys.
+    """
+    toolchain = _toolchain()
+    if toolchain is None:
+        return None
+    material = "\0".join((toolchain, f"notify={notify}", repr(policy)))
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def _load(key: str) -> bytes | None:
+    """The stored program of ``key``, or None when there is none or it cannot be trusted: not
+    the caller's, open to others, a symlink, another key's, or cut short or damaged."""
+    try:
+        directory = state.open_private_dir(CACHE_DIR, create=False)  # a check makes no files
+    except (OSError, SandboxError):
+        return None
+    try:
+        data = state.read_private(
+            directory, f"{key}.bpf", _CACHE_HEADER.size + BPF_MAXINSNS * _INSN.size
+        )
+    finally:
+        os.close(directory)
+    if data is None or len(data) < _CACHE_HEADER.size:
+        return None
+    magic, stored_key, length, digest = _CACHE_HEADER.unpack_from(data)
+    program = data[_CACHE_HEADER.size :]
+    if (
+        magic != _CACHE_MAGIC
+        or stored_key != bytes.fromhex(key)
+        or length != len(program)
+        or not _whole_program(program)
+        or hashlib.sha256(program).digest() != digest
+    ):
+        return None
+    return program
+
+
+def _whole_program(program: bytes) -> bool:
+    """Whole instructions, as many as the kernel takes in one filter."""
+    return len(program) % _INSN.size == 0 and 0 < len(program) // _INSN.size <= BPF_MAXINSNS
+
+
+def _store(key: str, program: bytes) -> None:
+    """Keep ``program`` under ``key`` (replacing whatever is there); failures are ignored."""
+    if not _whole_program(program):
+        return  # the kernel refuses it anyway, and _load would never use it
+    header = _CACHE_HEADER.pack(
+        _CACHE_MAGIC, bytes.fromhex(key), len(program), hashlib.sha256(program).digest()
+    )
+    try:
+        directory = state.open_private_dir(CACHE_DIR, create=True)
+    except (OSError, SandboxError):
+        return
+    try:
+        state.replace_private(directory, f"{key}.bpf", header + program)
+        _prune(directory)
+    except OSError:
+        pass
+    finally:
+        os.close(directory)
+
+
+def _prune(directory: int) -> None:
+    """Keep the newest CACHE_ENTRIES files: profiles made on the fly must not fill the disk."""
+    names = os.listdir(directory)
+    if len(names) <= CACHE_ENTRIES:
+        return
+    written = []
+    for name in names:
+        with contextlib.suppress(OSError):
+            st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+            written.append((st.st_mtime_ns, name))
+    for _, name in sorted(written)[: len(written) - CACHE_ENTRIES]:
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=directory)

@@ -28,7 +28,7 @@ import os
 import resource
 import signal
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 #: How the report names the mechanisms (docs/profiles.md, "Without cgroups").
 CPU_MECHANISM = "box init sampling /proc (CPU of every process); RLIMIT_CPU per process"
@@ -46,16 +46,16 @@ _TICK = os.sysconf("SC_CLK_TCK")
 _GONE = (errno.ENOENT, errno.ESRCH)  # the process ended between listing and reading
 
 
-@dataclass(frozen=True)
-class TreeLimits:
+# A NamedTuple rather than a dataclass: made at import several times faster, and every run
+# imports this module (docs/performance.md).
+class TreeLimits(NamedTuple):
     """What init enforces: ``cpu_time`` (seconds, limit plus grace) and ``memory`` (bytes)."""
 
     cpu_time: float | None
     memory: int | None
 
 
-@dataclass(frozen=True)
-class Sample:
+class Sample(NamedTuple):
     """One reading of the whole tree."""
 
     user: float  # seconds

@@ -401,7 +401,7 @@ def test_every_option_of_every_subcommand_is_used_by_a_test():
                     f'"{o}"' in sources for o in action.option_strings):
                 missing.append(f"{parser.prog} {action.option_strings[0]}")
 
-    walk(_parser())
+    walk(_parser(complete=True))
     assert not missing
 
 
