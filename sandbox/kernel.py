@@ -191,6 +191,10 @@ class KernelOps(Protocol):
     def keep_capabilities_across_exec(self, caps: tuple[int, ...]) -> None: ...
     def exec_fd(self, fd: int, argv: tuple[str, ...]) -> None: ...
     def chdir(self, path: str) -> None: ...
+    def mkdir(self, path: str) -> None: ...
+    def make_dirs(self, path: str) -> None: ...
+    def make_file(self, path: str) -> None: ...
+    def symlink(self, target: str, path: str) -> None: ...
     def execve(self, path: str, argv: tuple[str, ...], env: dict[str, str]) -> None: ...
 
 
@@ -378,6 +382,19 @@ class Kernel:
 
     def chdir(self, path: str) -> None:
         os.chdir(path)
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path, 0o755)
+
+    def make_dirs(self, path: str) -> None:
+        os.makedirs(path, 0o755, exist_ok=True)
+
+    def make_file(self, path: str) -> None:
+        """An empty file (a mount point for a bound file); refuses to follow a symlink."""
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644))
+
+    def symlink(self, target: str, path: str) -> None:
+        os.symlink(target, path)
 
     def execve(self, path: str, argv: tuple[str, ...], env: dict[str, str]) -> None:
         os.execve(path, argv, env)  # noqa: S606 - argv as given, never through a shell

@@ -270,13 +270,13 @@ def _refuse_layer_symlinks(layer_dirs: list[str], target: str) -> None:
                 raise OSError(errno.ELOOP, f"{prefix} is a symlink in the image", target)
 
 
-def _make_mount_point(path: str, is_dir: bool) -> None:
+def _make_mount_point(k: KernelOps, path: str, is_dir: bool) -> None:
     if is_dir:
-        os.makedirs(path, exist_ok=True)
+        k.make_dirs(path)
     else:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        k.make_dirs(os.path.dirname(path))
         if not os.path.lexists(path):
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+            k.make_file(path)
 
 
 def _bind(k: KernelOps, source: str, target: str, attrs: int) -> None:
@@ -322,7 +322,7 @@ class _Sources:
         """A directory path for ``host``: the opened one, or its tree attached at ``path``."""
         if host.tree_fd is None and opened is not None:
             return opened
-        os.mkdir(path, 0o755)
+        k.mkdir(path)
         k.attach_tree(_tree(host), path)
         return path
 
@@ -364,7 +364,7 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
         f"size={stage_size},nr_inodes=65536,mode=0700",
     )
     for name in ("points", "upper", "work", "root"):
-        os.mkdir(f"{STAGE}/{name}", 0o755)
+        k.mkdir(f"{STAGE}/{name}")
     layer_dirs = [
         sources.place(k, layer, opened, f"{STAGE}/layer{i}")
         for i, (layer, opened) in enumerate(zip(plan.layers, opened_layers, strict=True))
@@ -387,7 +387,7 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
             continue  # made once that tmpfs is mounted
         if always or not any(os.path.lexists(f"{d}{target}") for d in layer_dirs):
             _refuse_layer_symlinks(layer_dirs, target)
-            _make_mount_point(f"{STAGE}/points{target}", is_dir)
+            _make_mount_point(k, f"{STAGE}/points{target}", is_dir)
     lowers = ":".join([f"{STAGE}/points", *layer_dirs])
     if build is not None:
         upper, work = f"{build}/upper", f"{build}/work"
@@ -424,7 +424,7 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
     for mount, opened in binds:
         path = root + mount.target
         _refuse_escape(root, os.path.dirname(path))
-        _make_mount_point(path, mount.is_dir)
+        _make_mount_point(k, path, mount.is_dir)
         attrs = ro & ~MOUNT_ATTR_RDONLY if mount.writable else ro
         sources.bind(k, mount.source, opened, path, attrs)
     sources.close()
@@ -442,11 +442,11 @@ def build_root(k: KernelOps, plan: RootPlan) -> None:
 def _build_dev(k: KernelOps, dev: str) -> None:
     k.mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,nr_inodes=64,mode=0755")
     for name in DEVICES:
-        _make_mount_point(f"{dev}/{name}", False)
+        _make_mount_point(k, f"{dev}/{name}", False)
         # Device nodes cannot be made in a user namespace; bind the host's (as bwrap does).
         _bind(k, f"/dev/{name}", f"{dev}/{name}", MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC)
     for name, target in DEV_LINKS:
-        os.symlink(target, f"{dev}/{name}")
+        k.symlink(target, f"{dev}/{name}")
     k.mount_setattr(dev, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC, recursive=False)
 
 

@@ -129,3 +129,42 @@ def test_program_lookup_follows_path_like_execvp(tmp_path):
     assert child.resolve_program("./x", env) == "./x"
     with pytest.raises(FileNotFoundError):
         child.resolve_program("plain", env)
+
+
+def test_the_root_is_built_in_the_documented_order():
+    """As root (detached trees): "/" private first, files made as the box's ids, the overlay
+    before the mounts on it, binds before /dev and /proc, the root made read-only, then
+    pivot_root and the old root detached; every mount point is made through the kernel ops."""
+    from sandbox.hostpath import CheckedPath
+    from sandbox.rootfs import HostDir, MountSource, build_root
+
+    def tree(path: str, is_dir: bool = True) -> HostDir:
+        return HostDir(CheckedPath(path, 1, 2, is_dir), os.open(os.devnull, os.O_RDONLY))
+
+    plan = RootPlan(
+        layers=(tree("/nonexistent/layer"),),
+        binds=(MountSource(tree("/nonexistent/src"), "/box/in", False),),
+        tmp_size=1 << 20, work_size=1 << 20, workdir="/box", noexec_tmp=False,
+        uid=1000, gid=1000,
+    )
+    k = RecordingKernel()
+    build_root(k, plan)
+    names = k.names
+    assert k.calls[0] == ("mount", (None, "/", None, 0x4000 | 0x40000))  # MS_REC | MS_PRIVATE
+    assert names[1] == "set_fsids"  # before anything is created
+    mounts = [args[1] for name, args in k.calls if name == "mount"]
+    overlay = next(i for i, (n, a) in enumerate(k.calls) if n == "mount" and a[2] == "overlay")
+    first_made = min(i for i, n in enumerate(names) if n in ("mkdir", "make_dirs", "make_file"))
+    assert first_made > 1
+    assert mounts.index("/tmp/root/tmp") > mounts.index("/tmp/root")  # on top of the overlay
+    attach = [args[1] for name, args in k.calls if name == "attach_tree"]
+    assert attach == ["/tmp/layer0", "/tmp/root/box/in"]  # the layer, then the bind
+    assert names.index("attach_tree") < overlay < len(names) - names[::-1].index("attach_tree")
+    proc = next(i for i, (n, a) in enumerate(k.calls) if n == "mount" and a[2] == "proc")
+    assert proc < names.index("pivot_root")  # a proc mount needs a fully visible proc
+    assert [n for n in names if n == "symlink"] == ["symlink"] * 5  # /dev/fd, stdio, shm
+    assert names[-4:] == ["chdir", "pivot_root", "umount2", "chdir"]
+    root_ro = [a for n, a in k.calls if n == "mount_setattr" and a[0] == "/tmp/root"]
+    assert root_ro and names.index("pivot_root") > max(
+        i for i, (n, a) in enumerate(k.calls) if n == "mount_setattr" and a[0] == "/tmp/root"
+    )
