@@ -118,7 +118,9 @@ def shape_of(spec: Spec) -> bytes | None:
     lock from its start, and an idle box must not keep ``sandbox image prune`` waiting)."""
     if spec.link is not None or spec.image is not None:
         return None
-    return pickle.dumps(replace(spec, argv=(), env=(), cwd=None))
+    from .supervisor import PreparedBox
+
+    return pickle.dumps(PreparedBox.shape(spec))
 
 
 def _serve_one(
@@ -231,11 +233,13 @@ class _Pool:
 
     def fill(self, spec: Spec, shape: bytes) -> None:
         """Fork warm boxes of ``shape`` until the pool holds its share."""
+        from .supervisor import PreparedBox
+
         while sum(w.shape == shape for w in self.warm) < self.size:
             if len(self.warm) >= MAX_WARM:
                 self.warm.pop(0).sock.close()  # its process sees end of file and tears down
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            template = replace(spec, argv=spec.argv[:1])
+            template = replace(PreparedBox.shape(spec), argv=spec.argv[:1])
             pid = os.fork()
             if pid == 0:
                 code = 1

@@ -191,6 +191,39 @@ def _check_target(bind: Bind, source_name: str) -> None:
         )
 
 
+def run_binds(spec: Spec) -> tuple[Bind, ...]:
+    """The request's binds a box built ahead can take at its run: as root (they arrive as
+    detached trees), each directly in the work dir (its mount point is made in that run's
+    fresh tmpfs, never inside another bind), no two on one target."""
+    if os.geteuid() != 0:
+        return ()
+    workdir = spec.profile.workdir.rstrip("/")
+    targets = [os.path.normpath(b.target) for b in (*spec.profile.binds, *spec.binds)]
+    return tuple(
+        b
+        for b in spec.binds
+        if os.path.dirname(os.path.normpath(b.target)) == workdir
+        and targets.count(os.path.normpath(b.target)) == 1
+        and not any(t.startswith(os.path.normpath(b.target) + "/") for t in targets)
+    )
+
+
+def plan_run_binds(spec: Spec, binds: tuple[Bind, ...]) -> tuple[MountSource, ...]:
+    """Check ``binds`` (as :func:`plan_root` does) and make their detached trees; the caller
+    closes them (``source.tree_fd``)."""
+    made: list[MountSource] = []
+    try:
+        for bind in binds:
+            _check_target(bind, "request")
+            made.append(_check_source(bind, "request", detach=True))
+    except BaseException:
+        for mount in made:
+            if mount.source.tree_fd is not None:
+                os.close(mount.source.tree_fd)
+        raise
+    return tuple(made)
+
+
 def plan_root(spec: Spec) -> RootPlan:
     """Check and describe the layers and binds of ``spec``'s root.
 

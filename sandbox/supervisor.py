@@ -26,7 +26,7 @@ from .hostinfo import host_facts
 from .image.lock import hold_store
 from .kernel import Kernel
 from .report import AppliedLimit, Report
-from .rootfs import plan_root
+from .rootfs import plan_root, plan_run_binds, run_binds
 from .spec import Fallback, Limits, NetworkMode, Spec
 from .streams import MAX_BACKLOG, BufferSink, Sink
 from .verdict import Observed, decide
@@ -207,11 +207,19 @@ class PreparedBox:
         """Kill and remove whatever is left of the box."""
         self.stack.close()
 
+    @staticmethod
+    def shape(spec: Spec) -> Spec:
+        """What a box built ahead is built from: ``spec`` without argv, environment, working
+        directory, and the binds it can take at its run (:func:`rootfs.run_binds`)."""
+        late = run_binds(spec)
+        return dataclasses.replace(
+            spec, argv=(), env=(), cwd=None, binds=tuple(b for b in spec.binds if b not in late)
+        )
+
     def matches(self, spec: Spec) -> bool:
-        """Whether ``spec`` may run in this box: the same request but for argv, environment and
-        working directory, and every bind source still the very inode the box mounted."""
-        shape = dataclasses.replace(spec, argv=self.spec.argv, env=self.spec.env, cwd=self.spec.cwd)
-        return shape == self.spec and self.root.still_current()
+        """Whether ``spec`` may run in this box: the same shape, and every layer and bind
+        source the box mounted still the very inode it was."""
+        return self.shape(spec) == self.shape(self.spec) and self.root.still_current()
 
     def _prepare(self, spec: Spec) -> None:
         stack = self.stack
@@ -235,6 +243,7 @@ class PreparedBox:
         if spec.image is not None:  # prune waits until the run no longer needs its layers
             stack.callback(os.close, hold_store(spec.image.store))
         self.root = plan_root(spec)
+        self.built_from = spec
         for tree in self.root.descriptors():
             stack.callback(os.close, tree)
         self.box = None if fallback else backend.create(spec.limits)  # type: ignore[union-attr]
@@ -341,6 +350,11 @@ class PreparedBox:
         stdio = (stdin_fd, program_fds[0], program_fds[1])
         handed_over = [fd for fd in (stdout, stderr) if isinstance(fd, int)]
         if self.supervisor is not None:  # native: the runner waits for exactly this
+            late = tuple(b for b in spec.binds if b not in self.built_from.binds)
+            mounts = plan_run_binds(spec, late)
+            trees = tuple(m.source.tree_fd for m in mounts if m.source.tree_fd is not None)
+            for fd in trees:
+                stack.callback(os.close, fd)
             request = boxinit.RunRequest(
                 argv=spec.argv,
                 env=spec.environment,
@@ -350,10 +364,11 @@ class PreparedBox:
                 rlimits=self.rlimits,
                 bpf=self.bpf,
                 listener=self.listener,
+                binds=tuple(boxinit.RunBind(m.target, m.is_dir, m.writable) for m in mounts),
             )
             supervisor = self.supervisor
             # stdio stays open here until the runner has it (closed once sent, or by the stack).
-            supervisor.hand_over(request, stdio, (*ours, *handed_over))
+            supervisor.hand_over(request, stdio, (*ours, *handed_over), trees)
         else:
             root_ready = os.pipe2(os.O_CLOEXEC)
             try:
@@ -557,16 +572,21 @@ class _Supervisor:
                 raise HostError(self.run_state.setup_error or "the box ended during its setup")
 
     def hand_over(
-        self, request: boxinit.RunRequest, stdio: tuple[int, int, int], ours: tuple[int, ...]
+        self,
+        request: boxinit.RunRequest,
+        stdio: tuple[int, int, int],
+        ours: tuple[int, ...],
+        trees: tuple[int, ...] = (),
     ) -> None:
-        """Send the ready runner its run; ``ours`` are closed once the runner has them."""
+        """Send the ready runner its run (and the detached trees of its binds); ``ours`` are
+        closed once the runner has them."""
         handoff = self.handoff
         if handoff is None or not handoff.ready:
             raise HostError("the box is not ready for a run")
         handoff.request, handoff.stdio = request, stdio
         handoff.ours = (*handoff.ours, *ours)
         try:
-            boxinit.send_run(self.sock, request, stdio)
+            boxinit.send_run(self.sock, request, stdio, trees)
         finally:
             handoff.release(ours)
         handoff.sent = True

@@ -303,8 +303,14 @@ static _Noreturn void runner(const int *cgroup_fds, int ncgroup)
     if (got.count != 4 + run.nbinds)
         fail("receive_run", "descriptor count does not match the request", EPROTO);
 
-    /* 4. Per-run binds (as root: detached trees of host paths the supervisor checked), on
-     *    mount points made in this run's fresh work dir or /tmp. */
+    /* 4. Become the program's uid/gid (as root, pid 1 has ids of its own): from here the
+     *    program cannot signal, trace, prlimit or read the box's init. */
+    CHECK("switch_ids", "setresgid", k_setresgid(run.gid));
+    CHECK("switch_ids", "setresuid", k_setresuid(run.uid));
+    /* 5. Per-run binds (as root: detached trees of host paths the supervisor checked), each
+     *    on a mount point made in the box's work dir, a tmpfs no program has run in yet;
+     *    made with the program's ids (its own directory), attached with the capabilities
+     *    the runner still holds. */
     for (int i = 0; i < run.nbinds; i++) {
         const struct bind *b = &run.binds[i];
         CHECK("attach_binds", b->target, make_mount_point(b->target, b->flags & BIND_DIR));
@@ -315,10 +321,6 @@ static _Noreturn void runner(const int *cgroup_fds, int ncgroup)
         CHECK("attach_binds", b->target, k_mount_setattr(b->target, attrs));
         k_close(got.fds[4 + i]);
     }
-    /* 5. Become the program's uid/gid (as root, pid 1 has ids of its own): from here the
-     *    program cannot signal, trace, prlimit or read the box's init. */
-    CHECK("switch_ids", "setresgid", k_setresgid(run.gid));
-    CHECK("switch_ids", "setresuid", k_setresuid(run.uid));
     /* 6. pivot_root(2) left the working directory on the old root: enter the box's, with the
      *    program's own access rights. */
     CHECK("chdir", run.cwd, k_chdir(run.cwd));

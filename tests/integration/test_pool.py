@@ -95,19 +95,45 @@ def test_a_warm_box_serves_the_next_run_of_its_shape_and_is_replaced():
 
 
 def test_a_bind_source_replaced_after_the_box_was_built_is_seen_as_it_is_now(tmp_path):
-    """A warm box holds the directory a path named when it was built; if the path names
-    another directory by the time of the run, the run gets the new one (a cold box)."""
+    """A warm box holds the directory a path named when it was built (a bind deeper than the
+    work dir is built into the box); if the path names another directory by the time of the
+    run, the run gets the new one (a cold box)."""
     os.chmod(tmp_path, 0o755)
     data = tmp_path / "data"
     data.mkdir()
     (data / "x").write_text("old\n")
-    binds = [(str(data), "/box/in")]
-    assert sandbox.run(["cat", "/box/in/x"], binds=binds).stdout == b"old\n"
+    binds = [(str(data), "/box/deep/in")]
+    assert sandbox.run(["cat", "/box/deep/in/x"], binds=binds).stdout == b"old\n"
     time.sleep(0.5)  # the pool has built boxes of this shape with the old directory
     data.rename(tmp_path / "old")
     data.mkdir()
     (data / "x").write_text("new\n")
-    assert sandbox.run(["cat", "/box/in/x"], binds=binds).stdout == b"new\n"
+    assert sandbox.run(["cat", "/box/deep/in/x"], binds=binds).stdout == b"new\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binds arrive at a warm box as detached trees")
+def test_a_bind_in_the_work_dir_differs_per_run_and_still_finds_a_warm_box(tmp_path):
+    """A judge binds each submission's directory at /box/src: the box is built without it and
+    the runner attaches it, read-only unless asked; every run sees its own directory."""
+    os.chmod(tmp_path, 0o755)
+    sources = []
+    for i in range(3):
+        directory = tmp_path / f"submission{i}"
+        directory.mkdir()
+        (directory / "id").write_text(f"{i}\n")
+        directory.chmod(0o777)  # writable for the box's uid: only the bind's flag may refuse
+        sources.append(directory)
+    script = "cat /box/src/id; touch /box/src/new 2>/dev/null && echo wrote || echo read-only"
+    sandbox.run(["true"], binds=[(str(sources[0]), "/box/src")])
+    assert _wait_for(lambda: len(_warm_children()) >= 1)
+    for i, directory in enumerate(sources):
+        before = _warm_children()
+        report = sandbox.run(["sh", "-c", script], binds=[(str(directory), "/box/src")])
+        assert report.stdout == f"{i}\nread-only\n".encode(), report
+        assert _wait_for(lambda: not before <= _warm_children())  # a warm box served it
+    report = sandbox.run(["sh", "-c", script], binds=[(str(sources[0]), "/box/src", True)])
+    assert report.stdout == b"0\nwrote\n"
+    assert (sources[0] / "new").exists() and not (sources[1] / "new").exists()
 
 
 def test_pool_size_zero_keeps_no_box_ahead():

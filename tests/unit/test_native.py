@@ -79,12 +79,12 @@ def test_runner_steps_come_in_the_documented_order(recording):
         "join_cgroup",
         "join_cgroup",
         "unshare_cgroup",
-        "mkdir",  # /box (exists: EEXIST is fine in the real build) ...
-        "mkdir",  # ... /box/in
-        "move_mount",
-        "mount_setattr",
         "setresgid",
         "setresuid",
+        "mkdir",  # /box (exists: EEXIST is fine in the real build) ...
+        "mkdir",  # ... /box/in, with the program's ids
+        "move_mount",
+        "mount_setattr",
         "chdir",
         "setsid",
         "setrlimit",
