@@ -42,7 +42,10 @@ _RECORD = struct.Struct("<HI")
 
 
 def open_binary() -> int:
-    """An O_RDONLY descriptor of the binary (executed with fexecve from inside the box)."""
+    """An O_RDONLY descriptor of the binary (executed with fexecve from inside the box).
+
+    Opened by its path like the package's own Python files, which it sits beside: whoever can
+    replace one can replace the other, so it is trusted as they are (no box writes there)."""
     try:
         return os.open(PATH, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:

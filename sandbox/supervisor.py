@@ -217,9 +217,10 @@ class PreparedBox:
         )
 
     def matches(self, spec: Spec) -> bool:
-        """Whether ``spec`` may run in this box: the same shape, and every layer and bind
-        source the box mounted still the very inode it was."""
-        return self.shape(spec) == self.shape(self.spec) and self.root.still_current()
+        """Whether ``spec`` may run in this box: a box still alive, of the same shape, and
+        every layer and bind source it mounted still the very inode it was."""
+        alive = self.supervisor is not None and self.supervisor.ended is None
+        return alive and self.shape(spec) == self.shape(self.spec) and self.root.still_current()
 
     def _prepare(self, spec: Spec) -> None:
         stack = self.stack
@@ -246,7 +247,7 @@ class PreparedBox:
         self.built_from = spec
         for tree in self.root.descriptors():
             stack.callback(os.close, tree)
-        self.box = None if fallback else backend.create(spec.limits)  # type: ignore[union-attr]
+        self.box = None if isinstance(backend, HostError) else backend.create(spec.limits)
         if self.box is not None:
             stack.callback(self.box.destroy)
         self.sock, self.child_sock = protocol.socketpair()
@@ -368,7 +369,11 @@ class PreparedBox:
             )
             supervisor = self.supervisor
             # stdio stays open here until the runner has it (closed once sent, or by the stack).
-            supervisor.hand_over(request, stdio, (*ours, *handed_over), trees)
+            if supervisor.ended is None:
+                supervisor.hand_over(request, stdio, (*ours, *handed_over), trees)
+            else:  # the box ended in its setup: its report says why, nothing is sent
+                for fd in (*ours, *handed_over):
+                    os.close(fd)
         else:
             root_ready = os.pipe2(os.O_CLOEXEC)
             try:
@@ -398,10 +403,7 @@ class _Handoff:
 
     entry: tuple[int, ...]
     ours: tuple[int, ...]
-    request: boxinit.RunRequest | None = None
-    stdio: tuple[int, int, int] | None = None
     ready: bool = False
-    sent: bool = False
 
     def release(self, fds: tuple[int, ...]) -> None:
         # Numbers are forgotten once closed: a later descriptor may reuse one.
@@ -557,19 +559,20 @@ class _Supervisor:
         self.streams: dict[int, _Stream] = {}
         self.flushing: dict[int, int] = {}  # a sink's descriptor -> the paused program pipe
         self.closed = False
+        self.ended: resource.struct_rusage | None = None  # the box ended before its run
         limits = spec.limits
         self.cpus: float = len(limits.cpus) if limits.cpus else len(os.sched_getaffinity(0))
         if limits.cpu_quota is not None:
             self.cpus = min(self.cpus, max(limits.cpu_quota, 0.01))
 
     def until_ready(self) -> None:
-        """Loop until the native runner waits for its run; a box that ended is a HostError."""
+        """Loop until the native runner waits for its run, or the box ended in its setup
+        (then :attr:`ended` holds its usage, and the run's report says why)."""
         handoff = self.handoff
         if handoff is None:
             raise HostError("only a native box can be prepared ahead of its run")
-        while not handoff.ready:
-            if self._step() is not None:
-                raise HostError(self.run_state.setup_error or "the box ended during its setup")
+        while not handoff.ready and self.ended is None:
+            self.ended = self._step()
 
     def hand_over(
         self,
@@ -583,13 +586,11 @@ class _Supervisor:
         handoff = self.handoff
         if handoff is None or not handoff.ready:
             raise HostError("the box is not ready for a run")
-        handoff.request, handoff.stdio = request, stdio
         handoff.ours = (*handoff.ours, *ours)
         try:
             boxinit.send_run(self.sock, request, stdio, trees)
         finally:
             handoff.release(ours)
-        handoff.sent = True
 
     def attach(self, streams: list[_Stream | None], cancel_fd: int | None) -> None:
         """The run's output pipes and its cancel descriptor join the loop."""
@@ -600,7 +601,7 @@ class _Supervisor:
             self.sel.register(cancel_fd, selectors.EVENT_READ, "cancel")
 
     def run(self) -> resource.struct_rusage:
-        usage = None
+        usage = self.ended
         while usage is None:
             usage = self._step()
         self._drain()

@@ -413,3 +413,17 @@ def test_doctor_tells_whether_linked_groups_can_run(tmp_path):
     without = run_cli("doctor", env={**os.environ, "PATH": python_dir})
     assert b"[warn] linked groups: missing: nsenter, nft" in without.stdout
     assert b"fix: apt-get install nftables" in without.stdout
+
+
+def test_a_box_that_fails_before_its_run_still_writes_its_report(tmp_path):
+    """A bind whose mount point would be inside a bound file fails while the root is built,
+    before the runner is ready: the report still says why (sandbox_error), exit 125."""
+    source = tmp_path / "file"
+    source.write_text("x\n")
+    os.chmod(tmp_path, 0o755)
+    report = tmp_path / "report.json"
+    result = run_cli("exec", "--bind", f"{source}:/data", "--bind", f"{tmp_path}:/data/x",
+                     "--report", str(report), "--", "true")
+    assert result.returncode == 125
+    verdict = json.loads(report.read_text())
+    assert verdict["verdict"] == "sandbox_error" and "mount_root" in verdict["error"]
