@@ -54,7 +54,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,31 +117,12 @@ def ratio_row(
     if peer_value is None or peer_value <= 0:
         return Row(section, figure, unit, value, peer, peer_value)
     ratio = value / peer_value
+    row = Row(section, figure, unit, value, peer, peer_value, ratio)
     if at_most is not None:
-        return Row(
-            section,
-            figure,
-            unit,
-            value,
-            peer,
-            peer_value,
-            ratio,
-            f"ratio <= {at_most:g}",
-            ratio <= at_most,
-        )
+        return replace(row, target=f"ratio <= {at_most:g}", met=ratio <= at_most)
     if at_least is not None:
-        return Row(
-            section,
-            figure,
-            unit,
-            value,
-            peer,
-            peer_value,
-            ratio,
-            f"ratio >= {at_least:g}",
-            ratio >= at_least,
-        )
-    return Row(section, figure, unit, value, peer, peer_value, ratio)
+        return replace(row, target=f"ratio >= {at_least:g}", met=ratio >= at_least)
+    return row
 
 
 def median(values: Sequence[float]) -> float:
