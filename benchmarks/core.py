@@ -164,8 +164,8 @@ class Bwrap:
         # the box gets, so the comparison does not hinge on a hand-written equivalent.
         from startup import bwrap_command  # benchmarks/ is on the path
 
+        from sandbox.box.seccomp import compile_filter
         from sandbox.profiles import load_profile
-        from sandbox.seccomp import compile_filter
 
         self.command = bwrap_command
         self.bpf = compile_filter(load_profile("strict").seccomp, notify=False)

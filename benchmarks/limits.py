@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import sandbox  # noqa: E402
+from sandbox.box.seccomp import compile_filter  # noqa: E402
 from sandbox.kernel import Kernel  # noqa: E402
 from sandbox.profiles import load_profile  # noqa: E402
-from sandbox.seccomp import compile_filter  # noqa: E402
 
 SPIN = ROOT / "tests" / "programs" / "spin.c"
 GETPPID = r"""

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import sandbox  # noqa: E402
-from sandbox import Verdict, network, state, supervisor, userns  # noqa: E402
+from sandbox import Verdict, state, supervisor  # noqa: E402
 from sandbox.api import _helper  # noqa: E402
+from sandbox.box import network, userns  # noqa: E402
 
 BUSY = "while True: pass"
 MIX = [

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import sandbox  # noqa: E402
+from sandbox.box.seccomp import compile_filter  # noqa: E402
 from sandbox.profiles import load_profile  # noqa: E402
-from sandbox.seccomp import compile_filter  # noqa: E402
 
 
 def median_ms(fn, runs: int) -> float:  # type: ignore[no-untyped-def]

@@ -38,9 +38,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import kernel, protocol, treelimits
+from . import kernel, protocol
+from .box import treelimits
+from .box.mounts import RootPlan, build_root
 from .kernel import KernelOps
-from .rootfs import RootPlan, build_root
 from .spec import NetworkMode
 
 NAMESPACES = (

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cgroups
+from .box import cgroups
 from .errors import SandboxError
 
 
@@ -73,7 +73,7 @@ def _overlayfs() -> Check:
 def _seccomp() -> Check:
     status = Path("/proc/self/status").read_text()
     try:
-        from .seccomp import native_arch
+        from .box.seccomp import native_arch
 
         native_arch()
         library = True

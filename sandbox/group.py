@@ -221,7 +221,7 @@ def _known(table: dict[str, Any], allowed: set[str], source: str, where: str) ->
 def run_group(group: GroupSpec) -> GroupReport:
     """Run every box at once, each under its own supervisor; call only single-threaded."""
     if group.network is NetworkMode.LINKED:
-        from .network import LinkedNetwork
+        from .box.network import LinkedNetwork
 
         with LinkedNetwork([b.name for b in group.boxes]) as net:
             boxes = tuple(

@@ -257,7 +257,7 @@ class _Pool:
 
 def serve(control: socket.socket) -> None:
     """Loop: one message per run, until the control socket closes."""
-    from .seccomp import compile_filter
+    from .box.seccomp import compile_filter
     from .supervisor import cgroup_backend, listener_supported
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel

@@ -352,7 +352,7 @@ class _Validator:
                 table, "unsafe_namespace_clone", bool, False, "seccomp.unsafe_namespace_clone"
             ),
         )
-        from .seccomp import filter_known, unknown_syscalls
+        from .box.seccomp import filter_known, unknown_syscalls
 
         if filter_known(policy):  # compiled before: every name is known, no libseccomp needed
             return policy

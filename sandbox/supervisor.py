@@ -20,13 +20,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import boxinit, cgroups, child, notify, protocol, seccomp, streams, treelimits, userns
+from . import boxinit, child, protocol, streams
+from .box import cgroups, seccomp, treelimits, userns
+from .box.mounts import plan_root, plan_run_binds, run_binds
 from .errors import ConfigError, HostError
 from .hostinfo import host_facts
 from .image.lock import hold_store
 from .kernel import Kernel
 from .report import AppliedLimit, Report
-from .rootfs import plan_root, plan_run_binds, run_binds
 from .spec import Fallback, Limits, NetworkMode, Spec
 from .streams import MAX_BACKLOG, BufferSink, Sink
 from .verdict import Observed, decide
@@ -231,8 +232,8 @@ class PreparedBox:
         fallback = isinstance(backend, HostError)
         self.rlimits, self.mechanisms = _rlimits(spec.limits, fallback)
         # Forked first, while the process holds the fewest descriptors and none of the box's
-        # processes exist; stopped last, after the box is killed (see notify.Receiver.stop).
-        self.receiver = notify.Receiver() if self.listener else None
+        # processes exist; stopped last, after the box is killed (see seccomp.Receiver.stop).
+        self.receiver = seccomp.Receiver() if self.listener else None
         if self.receiver is not None:
             stack.callback(self.receiver.stop)
         if spec.image is not None and spec.image.upper is not None:
@@ -547,7 +548,7 @@ class _Supervisor:
         sock: socket.socket,
         ids: userns.HostIds,
         box: cgroups.BoxCgroup | None,
-        receiver: notify.Receiver | None,
+        receiver: seccomp.Receiver | None,
         handoff: _Handoff | None = None,
     ) -> None:
         self.spec, self.run_state, self.pid, self.sock = spec, run, pid, sock
@@ -703,8 +704,8 @@ class _Supervisor:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
-    def _forbidden(self, receiver: notify.Receiver) -> None:
-        """The receiver reported: any report is a forbidden call (see notify.py)."""
+    def _forbidden(self, receiver: seccomp.Receiver) -> None:
+        """The receiver reported: any report is a forbidden call (see seccomp.Receiver)."""
         name = receiver.read()
         self.sel.unregister(receiver.sock)
         if name is not None:
@@ -725,7 +726,7 @@ class _Supervisor:
         if msg.kind == protocol.UNSHARED:
             userns.write_maps(msg.pid, self.spec.profile.uid, self.spec.profile.gid, self.ids)
             if self.spec.link is not None:
-                from .network import attach
+                from .box.network import attach
 
                 attach(self.spec.link, msg.pid)
             protocol.send(self.sock, protocol.GO)
@@ -778,7 +779,7 @@ class _Supervisor:
         deadline = time.monotonic() + DRAIN_TIMEOUT
         # The receiver's last word too, where it has one: a call whose caller vanished just
         # before the program's end may still be on its way.
-        waited = ("output", "sync", "notify") if notify.RECV_ENDS else ("output", "sync")
+        waited = ("output", "sync", "notify") if seccomp.RECV_ENDS else ("output", "sync")
         while any(k.data in waited for k in self.sel.get_map().values()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..baseimage import world_readable
+from ..box.userns import HostIds, image_owner, write_maps
 from ..errors import ImageError
 from ..hostpath import PathRefused, open_nofollow
 from ..kernel import (
@@ -43,7 +44,6 @@ from ..kernel import (
     Kernel,
 )
 from ..units import format_size
-from ..userns import HostIds, image_owner, write_maps
 from . import elf
 from .buildfile import Instruction, parse_buildfile
 from .dirfd import (

@@ -39,9 +39,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
+from ..box.userns import image_owner
 from ..errors import HostError, ImageError
 from ..state import state_dir
-from ..userns import image_owner
 from .dirfd import DIR_FLAGS, remove_tree, tree_size
 from .extract import extract_layer
 from .oci import (

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import cgroups
+from sandbox.box import cgroups
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import cgroups, helper, supervisor
+from sandbox import helper, supervisor
+from sandbox.box import cgroups
 from tests.conftest import SANDBOX
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the tests make cgroups of their own")

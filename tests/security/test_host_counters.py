@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.userns import COUNTER_RLIMITS, COUNTER_SYSCTLS, ID_BASE
+from sandbox.box.userns import COUNTER_RLIMITS, COUNTER_SYSCTLS, ID_BASE
 from tests.conftest import SANDBOX
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs boxes as root")

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import sandbox
-from sandbox import Verdict, network
+from sandbox import Verdict
+from sandbox.box import network
 from sandbox.spec import Link
 from tests.conftest import SANDBOX
 
@@ -178,7 +179,7 @@ LEFTOVERS = """
 import json, os, subprocess, sys
 from pathlib import Path
 import sandbox
-from sandbox import network
+from sandbox.box import network
 path, runs = sys.argv[1], int(sys.argv[2])
 groups = Path(os.environ["SANDBOX_HOME"]) / "groups"
 seen = []

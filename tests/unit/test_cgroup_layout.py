@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import cgroups
+from sandbox.box import cgroups
 from sandbox.errors import HostError
 
 MOUNTINFO = """\

@@ -6,8 +6,8 @@ import signal
 import pytest
 
 from sandbox import child, protocol
+from sandbox.box.mounts import RootPlan
 from sandbox.kernel import CLONE_NEWCGROUP, CLONE_NEWUSER
-from sandbox.rootfs import RootPlan
 from sandbox.spec import NetworkMode
 
 
@@ -135,8 +135,8 @@ def test_the_root_is_built_in_the_documented_order():
     """As root (detached trees): "/" private first, files made as the box's ids, the overlay
     before the mounts on it, binds before /dev and /proc, the root made read-only, then
     pivot_root and the old root detached; every mount point is made through the kernel ops."""
+    from sandbox.box.mounts import HostDir, MountSource, build_root
     from sandbox.hostpath import CheckedPath
-    from sandbox.rootfs import HostDir, MountSource, build_root
 
     def tree(path: str, is_dir: bool = True) -> HostDir:
         return HostDir(CheckedPath(path, 1, 2, is_dir), os.open(os.devnull, os.O_RDONLY))

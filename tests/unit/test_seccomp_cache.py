@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import seccomp
+from sandbox.box import seccomp
 from sandbox.profiles import load_profile
 from sandbox.spec import SeccompAction, SeccompRule
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from sandbox import seccomp, syscall_groups
+from sandbox import syscall_groups
+from sandbox.box import seccomp
 from sandbox.profiles import load_profile
 
 

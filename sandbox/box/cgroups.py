@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from .errors import HostError
-from .spec import Limits
-from .units import format_cpu_list, parse_cpu_list
+from ..errors import HostError
+from ..spec import Limits
+from ..units import format_cpu_list, parse_cpu_list
 
 _SEQ = itertools.count()
 SUBTREE = "sandbox"

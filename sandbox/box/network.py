@@ -28,9 +28,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .errors import HostError
-from .spec import Link
-from .state import ensure_dir, state_dir, take_slot
+from ..errors import HostError
+from ..spec import Link
+from ..state import ensure_dir, state_dir, take_slot
 
 NETNS_DIR = Path("/run/netns")
 PREFIX = 24

@@ -33,10 +33,10 @@ import errno
 import os
 from dataclasses import dataclass
 
-from .baseimage import ensure_base_layer
-from .errors import ConfigError, HostError
-from .hostpath import CheckedPath, PathRefused, check_source, open_nofollow
-from .kernel import (
+from ..baseimage import ensure_base_layer
+from ..errors import ConfigError, HostError
+from ..hostpath import CheckedPath, PathRefused, check_source, open_nofollow
+from ..kernel import (
     MNT_DETACH,
     MOUNT_ATTR_NODEV,
     MOUNT_ATTR_NOEXEC,
@@ -51,7 +51,7 @@ from .kernel import (
     KernelOps,
     clone_tree,
 )
-from .spec import Bind, Spec
+from ..spec import Bind, Spec
 from .userns import bound_counters_from_inside
 
 #: Where the child assembles the root inside its own mount namespace. Overmounting it there is

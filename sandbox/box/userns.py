@@ -18,8 +18,8 @@ import os
 import resource
 from dataclasses import dataclass
 
-from .errors import HostError
-from .state import take_slot
+from ..errors import HostError
+from ..state import take_slot
 
 ID_BASE = 100_000_000
 SLOTS = 65536

@@ -1,0 +1,1 @@
+"""The box's kernel concerns, one module each (filled in below)."""
