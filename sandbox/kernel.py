@@ -13,9 +13,11 @@ import ctypes.util
 import fcntl
 import os
 import resource
+import select
+import signal
 import socket
 import struct
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import prctl
 
@@ -196,6 +198,19 @@ class KernelOps(Protocol):
     def make_file(self, path: str) -> None: ...
     def symlink(self, target: str, path: str) -> None: ...
     def execve(self, path: str, argv: tuple[str, ...], env: dict[str, str]) -> None: ...
+    # Processes and the descriptors between them.
+    def fork(self) -> int: ...
+    def wait4(self, pid: int, options: int) -> tuple[int, int, resource.struct_rusage]: ...
+    def kill(self, pid: int, sig: int) -> None: ...
+    def exit(self, code: int) -> NoReturn: ...
+    def write(self, fd: int, data: bytes) -> None: ...
+    def read(self, fd: int, size: int) -> bytes: ...
+    def close(self, fd: int) -> None: ...
+    def set_inheritable(self, fd: int) -> None: ...
+    def hung_up(self, fd: int) -> bool: ...
+    def parent_pid(self) -> int: ...
+    def default_signal(self, sig: int) -> None: ...
+    def unblock_signals(self) -> None: ...
 
 
 class Kernel:
@@ -398,3 +413,42 @@ class Kernel:
 
     def execve(self, path: str, argv: tuple[str, ...], env: dict[str, str]) -> None:
         os.execve(path, argv, env)  # noqa: S606 - argv as given, never through a shell
+
+    def fork(self) -> int:
+        return os.fork()
+
+    def wait4(self, pid: int, options: int) -> tuple[int, int, resource.struct_rusage]:
+        return os.wait4(pid, options)
+
+    def kill(self, pid: int, sig: int) -> None:
+        os.kill(pid, sig)
+
+    def exit(self, code: int) -> NoReturn:
+        # Never unwind into the caller's stack (atexit handlers, buffered files) after fork.
+        os._exit(code)
+
+    def write(self, fd: int, data: bytes) -> None:
+        os.write(fd, data)
+
+    def read(self, fd: int, size: int) -> bytes:
+        return os.read(fd, size)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def set_inheritable(self, fd: int) -> None:
+        os.set_inheritable(fd, True)
+
+    def hung_up(self, fd: int) -> bool:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+    def parent_pid(self) -> int:
+        return os.getppid()
+
+    def default_signal(self, sig: int) -> None:
+        signal.signal(sig, signal.SIG_DFL)
+
+    def unblock_signals(self) -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())

@@ -21,7 +21,7 @@ EXEC = "exec"  # execve is next; may carry the seccomp listener fd
 SETUP_ERROR = "error"  # a phase failed: phase, op, errno, detail
 EXEC_ERROR = "exec_error"  # execve failed: errno
 EXITED = "exit"  # the program's wait status, from the box's init
-# Without cgroups, from the box's init (sandbox/treelimits.py): the whole tree's CPU and memory
+# Without cgroups, from the box's init (sandbox/box/treelimits.py): the whole tree's CPU and memory
 # as last sampled, when a limit fired (``limit`` is "cpu_time" or "memory") and, with ``limit``
 # "", once more right before ``exit``. ``at`` is the sample's CLOCK_MONOTONIC in ns.
 TREE = "tree"

@@ -45,7 +45,7 @@ class NetworkMode(StrEnum):
 
     NONE = "none"
     LOOPBACK = "loopback"
-    LINKED = "linked"  # a private segment shared by the boxes of one group (see network.py)
+    LINKED = "linked"  # a private segment shared by the boxes of one group (see box/network.py)
 
 
 class SeccompAction(StrEnum):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import resource
 import selectors
@@ -21,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import boxinit, child, protocol, streams
-from .box import cgroups, seccomp, treelimits, userns
+from .box import cgroups, rlimits, seccomp, treelimits, userns, uts
 from .box.mounts import plan_root, plan_run_binds, run_binds
 from .errors import ConfigError, HostError
 from .hostinfo import host_facts
@@ -87,44 +86,6 @@ def listener_supported() -> bool:
     """seccomp user notification exists since Linux 5.0; this project requires 5.12+ anyway."""
     release = os.uname().release.split(".")
     return (int(release[0]), int(release[1].split("-")[0])) >= (5, 0)
-
-
-def _rlimits(limits: Limits, fallback: bool) -> tuple[tuple[tuple[int, int], ...], dict[str, str]]:
-    """The rlimit table for the program and the mechanism of each limit it enforces."""
-    table: list[tuple[int, int]] = [(resource.RLIMIT_CORE, 0)]
-    mechanisms: dict[str, str] = {}
-    by_rlimit: tuple[tuple[str, int], ...] = (
-        ("fsize", resource.RLIMIT_FSIZE),
-        ("open_files", resource.RLIMIT_NOFILE),
-        ("stack", resource.RLIMIT_STACK),
-    )
-    if fallback:
-        by_rlimit += (("memory", resource.RLIMIT_AS), ("pids", resource.RLIMIT_NPROC))
-    for name, which in by_rlimit:
-        value = getattr(limits, name)
-        if value is not None:
-            table.append((which, int(value)))
-            mechanisms[name] = f"RLIMIT_{resource_name(which)}"
-    if limits.cpu_time is not None:
-        # Whole seconds only: a per-process backstop for the cgroup's or the box init's figure.
-        table.append((resource.RLIMIT_CPU, math.ceil(limits.cpu_time + limits.extra_time + 1)))
-    return tuple(table), mechanisms
-
-
-def _tree_limits(limits: Limits, fallback: bool) -> treelimits.TreeLimits | None:
-    """Without a cgroup, the CPU and memory limits the box's init enforces on the whole tree."""
-    if not fallback or (limits.cpu_time is None and limits.memory is None):
-        return None
-    cpu = None if limits.cpu_time is None else limits.cpu_time + limits.extra_time
-    return treelimits.TreeLimits(cpu_time=cpu, memory=limits.memory)
-
-
-def resource_name(which: int) -> str:
-    """``RLIMIT_AS`` -> ``AS``."""
-    for name in dir(resource):
-        if name.startswith("RLIMIT_") and getattr(resource, name) == which:
-            return name.removeprefix("RLIMIT_")
-    return str(which)
 
 
 def _check_host(spec: Spec, backend: cgroups.CgroupBackend | HostError) -> None:
@@ -211,7 +172,7 @@ class PreparedBox:
     @staticmethod
     def shape(spec: Spec) -> Spec:
         """What a box built ahead is built from: ``spec`` without argv, environment, working
-        directory, and the binds it can take at its run (:func:`rootfs.run_binds`)."""
+        directory, and the binds it can take at its run (:func:`mounts.run_binds`)."""
         late = run_binds(spec)
         return dataclasses.replace(
             spec, argv=(), env=(), cwd=None, binds=tuple(b for b in spec.binds if b not in late)
@@ -230,7 +191,7 @@ class PreparedBox:
         self.listener = listener_supported()
         self.bpf = seccomp.compile_filter(spec.profile.seccomp, notify=self.listener)
         fallback = isinstance(backend, HostError)
-        self.rlimits, self.mechanisms = _rlimits(spec.limits, fallback)
+        self.rlimits, self.mechanisms = rlimits.table(spec.limits, fallback)
         # Forked first, while the process holds the fewest descriptors and none of the box's
         # processes exist; stopped last, after the box is killed (see seccomp.Receiver.stop).
         self.receiver = seccomp.Receiver() if self.listener else None
@@ -265,7 +226,7 @@ class PreparedBox:
         return child.ChildPlan(
             argv=spec.argv,
             env=spec.environment,
-            hostname=spec.hostname or spec.profile.hostname,
+            hostname=uts.hostname(spec),
             network=spec.profile.network,
             address=(spec.link.address, spec.link.prefix) if spec.link else None,
             uid=spec.profile.uid,
@@ -282,7 +243,7 @@ class PreparedBox:
             supervisor_pid=os.getpid(),
             root_ready=root_ready,
             cgroup_entry=entry,
-            tree_limits=_tree_limits(self.spec.limits, self.box is None),
+            tree_limits=rlimits.tree_limits(self.spec.limits, self.box is None),
             native_init=native_fd,
             init_ids=(userns.INIT_INSIDE,) * 2 if self.ids.init is not None else None,
         )

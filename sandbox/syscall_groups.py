@@ -3,7 +3,7 @@
 A profile's ``[seccomp] allow`` list names groups (``@basic``) and single syscalls. Groups are
 deliberately small and only contain calls that act on the process itself, its own files and its
 own sockets; everything that administers the system, other processes or the kernel stays out.
-Three syscalls are never allowed unconditionally, whatever a profile says (see ``seccomp.py``):
+Three syscalls are never allowed unconditionally, whatever a profile says (see ``box/seccomp.py``):
 ``clone`` (namespace flags refused), ``ioctl`` (TIOCSTI/TIOCLINUX refused) and ``socket``
 (families outside the profile's ``socket_families`` refused).
 """

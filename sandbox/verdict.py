@@ -14,7 +14,7 @@ KILL_VERDICTS = {
     "wall_time": Verdict.WALL_TIME_LIMIT,
     "cpu_time": Verdict.CPU_TIME_LIMIT,
     "output": Verdict.OUTPUT_LIMIT,
-    "memory": Verdict.MEMORY_LIMIT,  # without cgroups, by the box's init (sandbox/treelimits.py)
+    "memory": Verdict.MEMORY_LIMIT,  # without cgroups, by the box init (box/treelimits.py)
     "forbidden_syscall": Verdict.FORBIDDEN_SYSCALL,
     # In a group: still running a grace period after a peer ended (waiting for it, or hung).
     "peer_exited": Verdict.WALL_TIME_LIMIT,

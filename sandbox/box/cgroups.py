@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from ..errors import HostError
+from ..kernel import CLONE_NEWCGROUP, KernelOps
 from ..spec import Limits
 from ..units import format_cpu_list, parse_cpu_list
+from .plan import ChildPlan
 
 _SEQ = itertools.count()
 SUBTREE = "sandbox"
@@ -473,3 +475,28 @@ def detect() -> CgroupBackend:
         hint="run as root, set SANDBOX_CGROUP_ROOT to a delegated cgroup v2 subtree, "
         'or allow `fallback = "rlimit"` in the profile',
     )
+
+
+# --- child side: the program's process enters the box cgroup --------------------------------
+
+_joined_at_cpu_ns = 0
+
+
+def child_join_cgroup(k: KernelOps, plan: ChildPlan) -> None:
+    """Move into the box cgroup through the files the supervisor opened ("0" is the writer)."""
+    global _joined_at_cpu_ns
+    for fd in plan.cgroup_entry:
+        k.join_cgroup(fd)
+    _joined_at_cpu_ns = time.clock_gettime_ns(time.CLOCK_PROCESS_CPUTIME_ID)
+
+
+def child_cpu_since_join(plan: ChildPlan) -> int:
+    """CPU this process used in the box cgroup: the sandbox's, which the supervisor subtracts."""
+    if not plan.cgroup_entry:
+        return 0
+    return time.clock_gettime_ns(time.CLOCK_PROCESS_CPUTIME_ID) - _joined_at_cpu_ns
+
+
+def child_unshare_cgroup(k: KernelOps, plan: ChildPlan) -> None:
+    """After joining: the box's cgroup becomes the root of its cgroup namespace."""
+    k.unshare(CLONE_NEWCGROUP)

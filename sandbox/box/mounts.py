@@ -52,6 +52,7 @@ from ..kernel import (
     clone_tree,
 )
 from ..spec import Bind, Spec
+from .plan import ChildPlan, PhaseError
 from .userns import bound_counters_from_inside
 
 #: Where the child assembles the root inside its own mount namespace. Overmounting it there is
@@ -497,3 +498,30 @@ def _build_proc(k: KernelOps, proc: str) -> None:
         path = f"{proc}/{name}"
         if os.path.exists(path):
             _bind(k, path, path, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
+
+
+# --- child side: the box's init builds the root, the Python init's program waits for it -----
+
+
+def child_mount_root(k: KernelOps, plan: ChildPlan) -> None:
+    build_root(k, plan.root)
+
+
+def child_announce_root(k: KernelOps, plan: ChildPlan) -> None:
+    """Tell the program's process (forked early, waiting) that the root is ready."""
+    k.write(plan.root_ready[1], b"1")
+    k.close(plan.root_ready[1])
+
+
+def child_await_root(k: KernelOps, plan: ChildPlan) -> None:
+    """Wait for init to build the root, then enter the work dir.
+
+    pivot_root(2) moved this process's root (it was the old root) but not its working
+    directory, which was the caller's: it must be replaced before anything else runs here.
+    """
+    read_end, write_end = plan.root_ready
+    k.close(write_end)
+    if k.read(read_end, 1) != b"1":
+        raise PhaseError("await_root", "wait for the root", 0, "init failed to build it")
+    k.close(read_end)
+    k.chdir(plan.root.cwd or plan.root.workdir)

@@ -3,7 +3,7 @@
 A group gets its own network namespace, owned by the sandbox, holding one bridge with no
 address: a pure layer-2 segment with no route to the host, to other groups or anywhere else.
 Each box's own network namespace receives one end of a veth pair as ``eth0`` (the other end is
-a port of the bridge), and its init gives ``eth0`` the box's address (``child.set_up_network``).
+a port of the bridge), and its init gives ``eth0`` the box's address (:func:`child_set_up_network`).
 Members find each other by name through the group's ``/etc/hosts``, bound over the box's.
 
 No member may speak as another, or as an address nobody has: the kernel refuses a non-local
@@ -29,8 +29,10 @@ import subprocess
 from pathlib import Path
 
 from ..errors import HostError
-from ..spec import Link
+from ..kernel import KernelOps
+from ..spec import Link, NetworkMode
 from ..state import ensure_dir, state_dir, take_slot
+from .plan import ChildPlan
 
 NETNS_DIR = Path("/run/netns")
 PREFIX = 24
@@ -211,3 +213,15 @@ def objects() -> list[str]:
     """The sandbox's network namespaces on this host (for tests and doctor)."""
     names = os.listdir(NETNS_DIR) if NETNS_DIR.is_dir() else []
     return sorted(n for n in names if n.startswith("sandbox-"))
+
+
+def child_set_up_network(k: KernelOps, plan: ChildPlan) -> None:
+    """The new network namespace has only a down ``lo``; bring it up only when asked.
+
+    In a linked group the supervisor has put one end of a veth pair here as ``eth0``
+    (:func:`attach`); the box gives it its address and no route: its segment is all it can
+    reach."""
+    if plan.network in (NetworkMode.LOOPBACK, NetworkMode.LINKED):
+        k.set_loopback_up()
+    if plan.address is not None:
+        k.set_interface_address("eth0", *plan.address)

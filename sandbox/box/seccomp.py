@@ -1,4 +1,7 @@
-"""Compile a profile's :class:`~sandbox.spec.SeccompPolicy` into a BPF program (parent side).
+"""seccomp, all three parts: the supervisor compiles a profile's
+:class:`~sandbox.spec.SeccompPolicy` into a BPF program, the program's process installs it last
+(:func:`child_install`), and the supervisor's :class:`Receiver` waits on its user-notification
+listener (below).
 
 The filter is an allowlist built with libseccomp (through pyseccomp) and exported as raw BPF,
 which the child installs with one ``seccomp(2)`` call right before ``execve``. Compilation runs
@@ -46,8 +49,9 @@ from typing import Any
 
 from .. import kernel, state
 from ..errors import SandboxError
-from ..kernel import Kernel
+from ..kernel import Kernel, KernelOps
 from ..spec import ArgCondition, SeccompAction, SeccompPolicy
+from .plan import ChildPlan
 
 #: Syscalls the sandbox itself makes between installing the filter and the program's execve.
 SANDBOX_NEEDS = ("sendmsg", "execve", "exit_group")
@@ -522,3 +526,12 @@ def _hung_up(fd: int) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+
+# --- child side: the filter, installed last -------------------------------------------------
+
+
+def child_install(k: KernelOps, plan: ChildPlan) -> int:
+    """Install the compiled filter; returns the listener's descriptor (-1 without one). Only
+    ``sendmsg`` and ``execve`` run after it (:data:`SANDBOX_NEEDS`)."""
+    return k.install_seccomp(plan.bpf, listener=plan.listener)

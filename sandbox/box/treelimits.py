@@ -30,6 +30,8 @@ import signal
 import time
 from typing import NamedTuple
 
+from ..kernel import KernelOps
+
 #: How the report names the mechanisms (docs/profiles.md, "Without cgroups").
 CPU_MECHANISM = "box init sampling /proc (CPU of every process); RLIMIT_CPU per process"
 MEMORY_MECHANISM = (
@@ -141,8 +143,8 @@ class TreeWatch:
     flood of exiting children nor a silent program keeps the other from happening.
     """
 
-    def __init__(self, limits: TreeLimits) -> None:
-        self.limits = limits
+    def __init__(self, limits: TreeLimits, k: KernelOps) -> None:
+        self.limits, self.k = limits, k
         # Any CPU of the host may run a box process at once (it may change its own affinity).
         self.cpus = os.cpu_count() or 1
         self.fired: str | None = None
@@ -169,14 +171,14 @@ class TreeWatch:
         """Sample now; kill the box when a limit is passed. Returns the limit that fired."""
         now = self.sample()
         if self.fired is not None:  # killed already: anything left is killed again
-            _kill_all()
+            self._kill_all()
             return None
         if self.limits.cpu_time is not None and now.user + now.system >= self.limits.cpu_time:
             self.fired = "cpu_time"
         elif self.limits.memory is not None and now.memory > self.limits.memory:
             self.fired = "memory"
         if self.fired is not None:
-            _kill_all()
+            self._kill_all()
         return self.fired
 
     def sample(self) -> Sample:
@@ -205,15 +207,13 @@ class TreeWatch:
             "memory_peak": self.memory_peak,
         }
 
-    @staticmethod
-    def _reap() -> tuple[int, int, resource.struct_rusage] | None:
+    def _reap(self) -> tuple[int, int, resource.struct_rusage] | None:
         try:
-            pid, status, usage = os.wait4(-1, os.WNOHANG)
+            pid, status, usage = self.k.wait4(-1, os.WNOHANG)
         except ChildProcessError:
             return None
         return (pid, status, usage) if pid else None
 
-
-def _kill_all() -> None:
-    with contextlib.suppress(ProcessLookupError):  # nothing left to kill
-        os.kill(-1, signal.SIGKILL)
+    def _kill_all(self) -> None:
+        with contextlib.suppress(ProcessLookupError):  # nothing left to kill
+            self.k.kill(-1, signal.SIGKILL)

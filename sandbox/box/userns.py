@@ -7,7 +7,7 @@ group ID mappings"), so every box of that user shares it.
 
 Per-user kernel counters (pending signals, message-queue bytes, inotify, processes) are charged
 up the chain of user namespaces to the uid that created each one. As root, the box's own host
-uid creates its namespace (``child.become_box_owner``), so a box only ever exhausts its own
+uid creates its namespace (:func:`child_become_box_owner`), so a box only ever exhausts its own
 counters; rootless, they are the caller's, of which a box may take at most the bounds below.
 """
 
@@ -18,8 +18,12 @@ import os
 import resource
 from dataclasses import dataclass
 
+from .. import kernel, protocol
 from ..errors import HostError
+from ..kernel import KernelOps
 from ..state import take_slot
+from . import pidns
+from .plan import ChildPlan, PhaseError
 
 ID_BASE = 100_000_000
 SLOTS = 65536
@@ -123,3 +127,66 @@ def bound_counters_from_inside(proc: str) -> None:
                 os.write(fd, str(value).encode())
             finally:
                 os.close(fd)
+
+
+# --- child side: the setup process (A) makes the namespaces, the program's process enters its ids
+
+#: New user namespace first: the kernel creates it before the others in one call, and they are
+#: then owned by (and only admin-able from) it.
+NAMESPACES = (
+    kernel.CLONE_NEWUSER
+    | kernel.CLONE_NEWNS
+    | kernel.CLONE_NEWPID
+    | kernel.CLONE_NEWNET
+    | kernel.CLONE_NEWIPC
+    | kernel.CLONE_NEWUTS
+)
+
+
+def child_drop_groups(k: KernelOps, plan: ChildPlan) -> None:
+    """As root: shed supplementary groups now (it takes CAP_SETGID in the initial namespace).
+
+    Otherwise the box would keep root's groups, and ``setgroups=deny`` would make that final.
+    """
+    if plan.drop_groups:
+        k.setgroups([])
+
+
+def child_become_box_owner(k: KernelOps, plan: ChildPlan) -> None:
+    """As root: make the box's host uid the effective uid, so it creates the user namespace.
+
+    The kernel charges per-user counters (pending signals, POSIX message-queue bytes, inotify
+    instances and watches, processes) up the namespace chain to the uid that created each user
+    namespace (user_namespaces(7); kernel/ucount.c): created as root, one box could exhaust
+    root's. The real and saved uids stay 0, so the program (uid = the box's host uid) can
+    neither signal nor prlimit this process or the box's init (kill(2), prlimit(2)). Nothing
+    after this opens a host path by name: the root is made of the supervisor's detached mount
+    trees. The credential change clears the parent-death signal (prctl(2)): set it again.
+    """
+    if plan.creator_uid is None:
+        return
+    k.seteuid(plan.creator_uid)
+    pidns.child_die_with_supervisor(k, plan)
+
+
+def child_unshare_namespaces(k: KernelOps, plan: ChildPlan) -> None:
+    k.unshare(NAMESPACES)
+
+
+def child_await_id_maps(k: KernelOps, plan: ChildPlan) -> None:
+    """The supervisor writes ``setgroups=deny``, ``uid_map`` and ``gid_map`` from outside
+    (:func:`write_maps`)."""
+    protocol.send(plan.sync, protocol.UNSHARED)
+    reply = plan.sync.recv(protocol.MAX_MESSAGE)
+    if not reply or protocol.decode(reply).kind != protocol.GO:
+        raise PhaseError("await_id_maps", "wait for the supervisor", 0, "supervisor went away")
+
+
+def child_switch_ids(k: KernelOps, plan: ChildPlan) -> None:
+    """Become the box's uid/gid, mapped to its unprivileged host ids (never root anywhere).
+
+    Setup ran as the caller's host uid so it could reach the caller's bind sources; from here
+    on the program's process cannot signal, trace or read the box's init.
+    """
+    k.setresgid(plan.gid)
+    k.setresuid(plan.uid)

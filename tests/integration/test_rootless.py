@@ -200,12 +200,12 @@ print("escaped", usage.ru_utime + usage.ru_stime, flush=True)
 
 def _per_process_only(limits):
     """prlimit arguments for exactly the rlimits the fallback gives the program."""
-    from sandbox.supervisor import _rlimits
+    from sandbox.box.rlimits import table
     names = {resource.RLIMIT_AS: "as", resource.RLIMIT_NPROC: "nproc", resource.RLIMIT_CPU: "cpu",
              resource.RLIMIT_CORE: "core", resource.RLIMIT_FSIZE: "fsize",
              resource.RLIMIT_NOFILE: "nofile", resource.RLIMIT_STACK: "stack"}
-    table, _ = _rlimits(limits, True)
-    return [f"--{names[which]}={value}" for which, value in table]
+    rlimits, _ = table(limits, True)
+    return [f"--{names[which]}={value}" for which, value in rlimits]
 
 
 def _as_nobody_plain(args, limits):

@@ -1,33 +1,62 @@
 """The child's phase order, checked against a recording kernel (no privileges needed)."""
 
 import os
+import resource
 import signal
 
 import pytest
 
 from sandbox import child, protocol
+from sandbox.box import descriptors
 from sandbox.box.mounts import RootPlan
 from sandbox.kernel import CLONE_NEWCGROUP, CLONE_NEWUSER
 from sandbox.spec import NetworkMode
 
 
-class RecordingKernel:
-    """Records every call by name; install_seccomp returns a real (harmless) descriptor."""
+class Exited(Exception):
+    """The recording kernel's ``exit``: the process body ended with this code."""
 
-    def __init__(self) -> None:
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class RecordingKernel:
+    """Records every call by name. Queries answer as on a healthy host (the parent is the
+    supervisor, the sync socket is open, the root is announced); ``forks`` are the pids
+    ``fork`` returns in turn and ``reaped`` what ``wait4`` reaps; ``exit`` raises
+    :class:`Exited`; install_seccomp returns a real (harmless) descriptor."""
+
+    QUERIES = ("parent_pid", "hung_up")
+
+    def __init__(self, forks: tuple[int, ...] = (), reaped: tuple[int, ...] = ()) -> None:
         self.calls: list[tuple[str, tuple[object, ...]]] = []
+        self.forks, self.reaped = list(forks), list(reaped)
+        self.supervisor_pid = os.getppid()
 
     def __getattr__(self, name: str):
         def record(*args: object, **kwargs: object) -> object:
             self.calls.append((name, args))
             if name == "install_seccomp":
                 return os.open(os.devnull, os.O_RDONLY)
+            if name == "parent_pid":
+                return self.supervisor_pid
+            if name == "hung_up":
+                return False
+            if name == "read":
+                return b"1"
+            if name == "fork":
+                return self.forks.pop(0)
+            if name == "wait4":
+                return self.reaped.pop(0), 0, resource.getrusage(resource.RUSAGE_SELF)
+            if name == "exit":
+                raise Exited(int(args[0]))  # type: ignore[call-overload]
             return None
         return record
 
     @property
     def names(self) -> list[str]:
-        return [name for name, _ in self.calls]
+        return [name for name, _ in self.calls if name not in self.QUERIES]
 
 
 @pytest.fixture
@@ -57,10 +86,13 @@ def test_setup_phases_drop_groups_then_unshare_user_first_then_wait_for_maps(pla
     child._run_phases(k, p, child.SETUP_PHASES)
     assert k.names == ["set_pdeathsig", "close_fds_except", "setgroups", "setrlimit", "seteuid",
                        "set_pdeathsig", "unshare"]
+    # Each parent-death signal is followed by the check that the supervisor is still there.
+    assert [n for n, _ in k.calls].count("parent_pid") == 2
+    calls = [c for c in k.calls if c[0] not in k.QUERIES]
     # The box's host uid creates the user namespace, with its counters bounded first, and the
     # parent-death signal that the uid change cleared is set again.
-    assert k.calls[4][1] == (100_000_005,) and k.calls[3][1] == (11, 1024)
-    flags = k.calls[6][1][0]
+    assert calls[4][1] == (100_000_005,) and calls[3][1] == (11, 1024)
+    flags = calls[6][1][0]
     assert flags & CLONE_NEWUSER and not flags & CLONE_NEWCGROUP
     assert protocol.receive(supervisor).kind == protocol.UNSHARED
 
@@ -81,19 +113,21 @@ def test_program_phases_end_with_privileges_dropped_then_seccomp_then_execve(pla
     assert names.index("unshare") < names.index("setresuid")
     # ... and fds are closed after stdio is in place, so only 0-2 and sync survive.
     assert names.index("dup2") < names.index("close_fds_except")
+    # ... and the program starts with default signal dispositions and an empty mask.
+    assert names.index("unblock_signals") < names.index("install_seccomp")
     assert k.calls[names.index("close_fds_except")][1][0] == (0, 1, 2, p.sync.fileno())
     assert names[:2] == ["join_cgroup", "join_cgroup"]  # one per entry file, before all else
     assert protocol.receive(supervisor).kind == protocol.EXEC
 
 
 def test_phase_lists_keep_the_documented_order():
-    assert [f.__name__ for f in child.INIT_EARLY_PHASES] == ["die_with_parent"]
-    init = [f.__name__ for f in child.INIT_PHASES]
+    assert [child.phase_name(f) for f in child.INIT_EARLY_PHASES] == ["die_with_parent"]
+    init = [child.phase_name(f) for f in child.INIT_PHASES]
     assert init[0] == "mount_root" and init[1] == "rearm_death_signal"
     assert init.index("protect_init") < init.index("announce_root") == len(init) - 1
-    program = [f.__name__ for f in child.PROGRAM_PHASES]
+    program = [child.phase_name(f) for f in child.PROGRAM_PHASES]
     assert program[:2] == ["join_cgroup", "await_root"]  # joined and in the new root first
-    assert program[-2:] == ["no_new_privs", "drop_capabilities"]
+    assert program[-3:] == ["no_new_privs", "drop_capabilities", "reset_signals"]
 
 
 def test_a_failing_phase_is_reported_with_its_name_and_errno(plan):
@@ -105,7 +139,7 @@ def test_a_failing_phase_is_reported_with_its_name_and_errno(plan):
 
     p.sync.send(b"")  # unused; keeps the socket busy-free
     with pytest.raises(child.PhaseError) as info:
-        child._run_phases(Failing(), p, (child.new_session,))
+        child._run_phases(Failing(), p, (descriptors.child_new_session,))
     assert (info.value.phase, info.value.err, info.value.op) == ("new_session", 1, "setsid")
 
 
@@ -168,3 +202,91 @@ def test_the_root_is_built_in_the_documented_order():
     assert root_ro and names.index("pivot_root") > max(
         i for i, (n, a) in enumerate(k.calls) if n == "mount_setattr" and a[0] == "/tmp/root"
     )
+
+
+def _without_root_building(names: list[str]) -> list[str]:
+    """The calls around the root builder's (its own order is checked above)."""
+    building = {"mount", "set_fsids", "mkdir", "make_dirs", "make_file", "symlink",
+                "mount_setattr", "attach_tree", "pivot_root", "umount2", "chdir"}
+    return [n for n in names if n not in building]
+
+
+def test_the_python_init_forks_its_program_first_then_builds_the_root_and_reaps_it(plan):
+    p, supervisor = plan
+    k = RecordingKernel(forks=(42,), reaped=(41, 42))  # a stray child first, then the program
+    assert child._init(k, p) == 0
+    names = k.names
+    # The program's process is forked before the root exists (it joins the cgroup meanwhile).
+    assert names.index("fork") < names.index("mount")
+    assert _without_root_building(names) == [
+        "set_pdeathsig", "fork", "close", "close", "close",  # root_ready's read end, cgroup files
+        "set_pdeathsig", "sethostname", "set_dumpable", "write", "close",
+        "default_signal", "wait4", "wait4",
+    ]
+    assert ("write", (p.root_ready[1], b"1")) in k.calls  # the root is announced last
+    msg = protocol.receive(supervisor)
+    assert msg.kind == protocol.EXITED and msg.fields["status"] == 0
+
+
+def test_the_python_inits_program_process_runs_its_phases_after_the_fork(plan):
+    p, supervisor = plan
+    k = RecordingKernel(forks=(0,))
+    with pytest.raises(Exited):  # execve "returned" here; the process ends, never unwinds
+        child._init(k, p)
+    names = k.names
+    assert names[:3] == ["set_pdeathsig", "fork", "join_cgroup"]
+    assert "mount" not in names  # the root is init's job
+    assert names[-3:] == ["install_seccomp", "execve", "exit"]
+    assert protocol.receive(supervisor).kind == protocol.EXEC
+
+
+def _native(p):
+    return child.ChildPlan(**{**p.__dict__, "native_init": 5,  # type: ignore[arg-type]
+                              "init_ids": (4_000_000_000, 4_000_000_000)})
+
+
+def test_the_native_setup_process_forks_init_then_waits_as_boxinit_hold(plan):
+    p, supervisor = plan
+    supervisor.send(protocol.encode(protocol.GO))
+    k = RecordingKernel(forks=(42,), reaped=(42,))
+    child._setup(k, _native(p))
+    names = k.names
+    assert names[names.index("fork"):] == ["fork", "set_real_ids", "exec_fd", "wait4"]
+    # A waits with init's ids, so the parent-death signal may reach init (kill(2)).
+    assert ("set_real_ids", (4_000_000_000, 4_000_000_000)) in k.calls
+    assert ("exec_fd", (5, ("boxinit", "hold", str(p.supervisor_pid)))) in k.calls
+
+
+def test_the_native_init_builds_the_root_then_becomes_boxinit_keeping_its_capabilities(plan):
+    from sandbox.box.caps import NATIVE_INIT_CAPABILITIES
+
+    p, supervisor = plan
+    supervisor.send(protocol.encode(protocol.GO))
+    k = RecordingKernel(forks=(0,))
+    with pytest.raises(Exited) as ended:
+        child._setup(k, _native(p))
+    assert ended.value.code == child.EXIT_SETUP_FAILED  # exec_fd "returned"
+    names = k.names
+    init = names[names.index("fork") + 1:]
+    assert init[0] == "set_pdeathsig" and init[1] == "mount"  # dies with A, then the root
+    sync = p.sync.fileno()
+    assert _without_root_building(init) == [
+        "set_pdeathsig", "set_pdeathsig", "sethostname", "close_fds_except", "set_inheritable",
+        "set_real_ids", "keep_capabilities_across_exec", "set_pdeathsig", "exec_fd", "exit",
+    ]
+    assert ("close_fds_except", ((sync, 5),)) in k.calls
+    assert ("set_real_ids", (4_000_000_000, 4_000_000_000)) in k.calls
+    assert ("keep_capabilities_across_exec", (NATIVE_INIT_CAPABILITIES,)) in k.calls
+    assert ("exec_fd", (5, ("boxinit", "init", str(sync)))) in k.calls
+    assert protocol.receive(supervisor).kind == protocol.UNSHARED
+    msg = protocol.receive(supervisor)
+    assert msg.kind == protocol.SETUP_ERROR and msg.fields["phase"] == "become_native_init"
+
+
+def test_every_phase_is_a_child_step_of_its_concern_module():
+    """A reader finds each step in the module of its kernel concern, named for its side."""
+    lists = (child.SETUP_PHASES, child.NATIVE_INIT_PHASES, child.INIT_EARLY_PHASES,
+             child.INIT_PHASES, child.PROGRAM_PHASES)
+    for phase in (f for phases in lists for f in phases):
+        assert phase.__name__.startswith("child_"), phase
+        assert phase.__module__.startswith("sandbox.box."), phase
