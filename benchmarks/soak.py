@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import sandbox  # noqa: E402
-from sandbox import Verdict, state, supervisor  # noqa: E402
+from sandbox import Verdict, state  # noqa: E402
 from sandbox.api import _helper  # noqa: E402
-from sandbox.box import network, userns  # noqa: E402
+from sandbox.box import cgroups, network, userns  # noqa: E402
 
 BUSY = "while True: pass"
 MIX = [
@@ -68,7 +68,7 @@ def open_fds(pid: int | str) -> int:
 
 
 def box_cgroups() -> int:
-    backend = supervisor.cgroup_backend()
+    backend = cgroups.backend()
     parents = getattr(backend, "parents", None) or {"": getattr(backend, "parent", Path("/x"))}
     return sum(len(list(Path(p).glob("box-*"))) for p in parents.values())
 

@@ -94,7 +94,7 @@ def _seccomp() -> Check:
 
 
 def _listener() -> Check:
-    from .supervisor import listener_supported
+    from .box.seccomp import listener_supported
 
     ok = listener_supported()
     return Check(

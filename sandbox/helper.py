@@ -257,14 +257,14 @@ class _Pool:
 
 def serve(control: socket.socket) -> None:
     """Loop: one message per run, until the control socket closes."""
-    from .box.seccomp import compile_filter
-    from .supervisor import cgroup_backend, listener_supported
+    from .box.cgroups import backend
+    from .box.seccomp import compile_filter, listener_supported
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller's Ctrl-C is the caller's business
     # Detect once; every fork inherits the answer. Boxes are built ahead only on the native
     # path, which needs a cgroup (without one, the box's init needs the run's stdio to start).
-    native = not isinstance(cgroup_backend(), SandboxError)
+    native = not isinstance(backend(), SandboxError)
     notify = listener_supported()
     pool = _Pool(control)
     while True:

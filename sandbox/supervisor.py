@@ -68,26 +68,6 @@ class _Run:
     streams: list[_Stream | None] = field(default_factory=list)  # stdout, stderr (None: direct)
 
 
-_backend_cache: cgroups.CgroupBackend | HostError | None = None
-
-
-def cgroup_backend() -> cgroups.CgroupBackend | HostError:
-    """The host's cgroup backend (detected once per process), or why there is none."""
-    global _backend_cache
-    if _backend_cache is None:
-        try:
-            _backend_cache = cgroups.detect()
-        except HostError as e:
-            _backend_cache = e
-    return _backend_cache
-
-
-def listener_supported() -> bool:
-    """seccomp user notification exists since Linux 5.0; this project requires 5.12+ anyway."""
-    release = os.uname().release.split(".")
-    return (int(release[0]), int(release[1].split("-")[0])) >= (5, 0)
-
-
 def _check_host(spec: Spec, backend: cgroups.CgroupBackend | HostError) -> None:
     """Fail closed: refuse limits this host cannot enforce, unless the profile allows a fallback."""
     if (spec.profile.network is NetworkMode.LINKED) != (spec.link is not None):
@@ -186,9 +166,9 @@ class PreparedBox:
 
     def _prepare(self, spec: Spec) -> None:
         stack = self.stack
-        self.backend = backend = cgroup_backend()
+        self.backend = backend = cgroups.backend()
         _check_host(spec, backend)
-        self.listener = listener_supported()
+        self.listener = seccomp.listener_supported()
         self.bpf = seccomp.compile_filter(spec.profile.seccomp, notify=self.listener)
         fallback = isinstance(backend, HostError)
         self.rlimits, self.mechanisms = rlimits.table(spec.limits, fallback)

@@ -477,6 +477,20 @@ def detect() -> CgroupBackend:
     )
 
 
+_backend_cache: CgroupBackend | HostError | None = None
+
+
+def backend() -> CgroupBackend | HostError:
+    """The host's cgroup backend (detected once per process), or why there is none."""
+    global _backend_cache
+    if _backend_cache is None:
+        try:
+            _backend_cache = detect()
+        except HostError as e:
+            _backend_cache = e
+    return _backend_cache
+
+
 # --- child side: the program's process enters the box cgroup --------------------------------
 
 _joined_at_cpu_ns = 0

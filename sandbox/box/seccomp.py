@@ -528,6 +528,12 @@ def _hung_up(fd: int) -> bool:
     return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
+def listener_supported() -> bool:
+    """seccomp user notification exists since Linux 5.0; this project requires 5.12+ anyway."""
+    release = os.uname().release.split(".")
+    return (int(release[0]), int(release[1].split("-")[0])) >= (5, 0)
+
+
 # --- child side: the filter, installed last -------------------------------------------------
 
 

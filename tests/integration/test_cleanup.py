@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import helper, supervisor
+from sandbox import helper
 from sandbox.box import cgroups
 from tests.conftest import SANDBOX
 
@@ -64,7 +64,7 @@ class Owned:
 
 @pytest.fixture
 def owned(tmp_path: Path) -> Iterator[Owned]:
-    backend = supervisor.cgroup_backend()
+    backend = cgroups.backend()
     if not isinstance(backend, cgroups.CgroupV1):
         pytest.skip(f"these tests make cgroup v1 groups of their own; the backend is {backend}")
     mounts, _ = cgroups.parse_mountinfo(Path("/proc/self/mountinfo").read_text())
