@@ -15,6 +15,9 @@ step of the box's setup but the run itself (:class:`sandbox.supervisor.PreparedB
 run of that shape goes to one of them, which sends the runner its argv, environment and stdio
 and supervises it as any run. A warm box runs once; the pool is refilled as soon as one is
 taken, and at most :data:`MAX_WARM` boxes wait at once (the oldest shape's go first).
+
+As root, boxes are built, and torn down after their report, at SCHED_IDLE (sched.py), so this
+work never takes CPU from a program that is running; a box is raised back when its run comes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -30,6 +34,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+from . import sched
 from .errors import SandboxError
 from .group import GroupSpec
 from .report import Report
@@ -101,6 +106,7 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 
 
 MAX_WARM = 8
+MAX_IDLE_TEARDOWNS = 4
 DEFAULT_POOL = 2
 
 
@@ -196,6 +202,7 @@ def _warm_box(spec: Spec, sock: socket.socket) -> None:
     from .supervisor import PreparedBox
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    sched.background()
     try:
         box = PreparedBox(spec)
     except SandboxError:
@@ -203,6 +210,7 @@ def _warm_box(spec: Spec, sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 4)
     at = time.monotonic()
+    sched.foreground(os.getpid())  # again: a process forked while the helper raised us was missed
     if not data:
         if box is not None:
             box.close()
@@ -218,6 +226,7 @@ class _Pool:
         self.control = control
         self.size = pool_size()
         self.warm: list[_Warm] = []  # oldest first
+        self.serving: list[tuple[int, int]] = []  # (pid, pidfd) of boxes taken, not yet gone
 
     def take(self, shape: bytes) -> _Warm | None:
         """The oldest warm box of ``shape``, out of the pool."""
@@ -227,9 +236,29 @@ class _Pool:
         return found
 
     def close_in_child(self) -> None:
-        """In a fork: the pool's sockets are the helper's, not this process's."""
+        """In a fork: the pool's descriptors are the helper's, not this process's."""
         for warm in self.warm:
             warm.sock.close()
+        for _, pidfd in self.serving:
+            os.close(pidfd)
+
+    def started(self, warm: _Warm) -> None:
+        """``warm`` runs now, then tears down at SCHED_IDLE (sched.py). At most
+        :data:`MAX_IDLE_TEARDOWNS` wait for idle CPU at once: with more, the host is too busy
+        for idle time to come soon, and every box still tearing down is raised back, so
+        their cgroups, mounts and id slots cannot pile up behind a busy host."""
+        with contextlib.suppress(OSError):  # already gone: nothing to wait for
+            self.serving.append((warm.pid, os.pidfd_open(warm.pid)))
+        poller = select.poll()
+        for _, pidfd in self.serving:
+            poller.register(pidfd, select.POLLIN)
+        gone = {fd for fd, _ in poller.poll(0)}  # a pidfd reads as ready once its process ended
+        for fd in gone:
+            os.close(fd)
+        self.serving = [(pid, fd) for pid, fd in self.serving if fd not in gone]
+        if len(self.serving) > MAX_IDLE_TEARDOWNS:
+            for pid, _ in self.serving:
+                sched.foreground(pid)
 
     def fill(self, spec: Spec, shape: bytes) -> None:
         """Fork warm boxes of ``shape`` until the pool holds its share."""
@@ -284,6 +313,8 @@ def serve(control: socket.socket) -> None:
         shape = shape_of(single) if single is not None and native and pool.size else None
         warm = pool.take(shape) if shape is not None else None
         if warm is not None:
+            sched.foreground(warm.pid)  # it may still be building: it is this run's box now
+            pool.started(warm)
             with contextlib.suppress(OSError):  # a warm box that died: it answers nothing
                 socket.send_fds(warm.sock, [data], fds)
             warm.sock.close()

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import boxinit, child, protocol, streams
+from . import boxinit, child, protocol, sched, streams
 from .box import cgroups, rlimits, seccomp, treelimits, userns, uts
 from .box.mounts import plan_root, plan_run_binds, run_binds
 from .errors import ConfigError, HostError
@@ -333,6 +333,7 @@ class PreparedBox:
                 sink.finish()
         if deliver is not None:
             deliver(report)
+            sched.background()  # the caller has its report: the rest yields to programs
         stack.close()
         return report
 

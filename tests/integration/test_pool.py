@@ -1,10 +1,14 @@
 """Warm boxes in the library's helper: a box built ahead serves one run, a run finds nothing
 an earlier run of the same shape left, and the pool can be switched off."""
 
+import contextlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -155,3 +159,79 @@ def test_pool_size_zero_keeps_no_box_ahead():
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
     )
     assert len(eval(out.stdout)) == 2, out.stderr  # control: the default keeps two
+
+
+POLICY = ["python3", "-c", "import os; print(os.sched_getscheduler(0))"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can raise a box back from SCHED_IDLE")
+def test_boxes_are_built_ahead_at_idle_priority_and_their_program_runs_at_normal():
+    """A warm box waits at SCHED_IDLE (it only gets CPU no program wants); its program runs
+    at the normal policy, as a cold box's does."""
+    first = sandbox.run(POLICY)
+    assert first.verdict is Verdict.OK and first.stdout.strip() == str(os.SCHED_OTHER).encode()
+    assert _wait_for(lambda: len(_warm_children()) >= 2)
+    assert _wait_for(lambda: all(
+        os.sched_getscheduler(pid) == os.SCHED_IDLE for pid in _warm_children()))
+    second = sandbox.run(POLICY)
+    assert second.verdict is Verdict.OK
+    assert second.stdout.strip() == str(os.SCHED_OTHER).encode()  # raised with its box
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can raise a box back from SCHED_IDLE")
+def test_a_box_taken_while_still_building_is_raised_at_once():
+    """The helper raises a warm box when it hands it a run, not only once it is ready: held
+    stopped, the box taken is back at the normal policy before it runs another instruction."""
+    sandbox.run(["/bin/true"])
+    assert _wait_for(lambda: len(_warm_children()) >= 2)
+    held = _warm_children()
+    for pid in held:
+        os.kill(pid, signal.SIGSTOP)
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(report=sandbox.run(["/bin/true"])))
+    try:
+        runner.start()
+        assert _wait_for(lambda: any(
+            os.sched_getscheduler(pid) == os.SCHED_OTHER for pid in held if _alive(pid)))
+    finally:
+        for pid in held:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        runner.join(30)
+    assert result["report"].verdict is Verdict.OK
+
+
+def _alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can raise a box back from SCHED_IDLE")
+def test_no_more_than_a_few_boxes_tear_down_at_idle_priority_at_once():
+    """Teardowns wait for idle CPU only while few do: past the bound every one is raised, so
+    a busy host cannot make them pile up."""
+    from sandbox import helper, sched
+
+    ours, theirs = socket.socketpair()
+    pool = helper._Pool(ours)
+    children = []
+    try:
+        for _ in range(helper.MAX_IDLE_TEARDOWNS + 1):
+            pid = os.fork()
+            if pid == 0:
+                sched.background()
+                time.sleep(30)
+                os._exit(0)
+            children.append(pid)
+        assert _wait_for(lambda: all(os.sched_getscheduler(p) == os.SCHED_IDLE for p in children))
+        for n, pid in enumerate(children):
+            pool.started(helper._Warm(pid, theirs, b""))
+            idle = [os.sched_getscheduler(p) == os.SCHED_IDLE for p in children]
+            assert all(idle) if n < helper.MAX_IDLE_TEARDOWNS else not any(idle)
+    finally:
+        for pid in children:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        for _, pidfd in pool.serving:
+            os.close(pidfd)
+        ours.close()
+        theirs.close()
