@@ -98,7 +98,15 @@ def send(sock: socket.socket, kind: str, fds: tuple[int, ...] = (), **fields: in
 def receive(sock: socket.socket) -> Message | None:
     """Receive one message (None at end of stream), with sender pid and attached fds."""
     anc = socket.CMSG_SPACE(_CRED.size) + socket.CMSG_SPACE(4 * 4)
-    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, anc)
+    try:
+        data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, anc)
+    except ConnectionResetError:
+        # The box's end closed while a message to it was still unread (a PREPARE its init did
+        # not live to read): Linux then sets ECONNRESET on this end (net/unix/af_unix.c,
+        # unix_release_sock) and reports it once, before the messages the box had sent and
+        # are still queued here, such as why its setup failed. Read on: they come next, then
+        # the end of the stream.
+        data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, anc)
     fds: list[int] = []
     pid = 0
     for level, ctype, payload in ancdata:

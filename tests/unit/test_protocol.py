@@ -44,3 +44,19 @@ def test_receive_reports_sender_pid_and_passes_descriptors():
         os.close(msg.fds[0])
         theirs.close()
         assert protocol.receive(ours) is None
+
+
+def test_a_box_that_ends_with_a_message_to_it_unread_still_gets_its_last_words_read():
+    """The box's end closes while a message to it is unread (a PREPARE its init never read):
+    the kernel reports ECONNRESET once on our end, and what the box sent before is still read,
+    then the end of the stream."""
+    supervisor, box = protocol.socketpair()
+    supervisor.send(b"SBX1PRE\0")  # never read by the box
+    protocol.send(box, protocol.SETUP_ERROR, phase="mount_root", op="o", errno=20, detail="")
+    box.close()
+    try:
+        msg = protocol.receive(supervisor)
+        assert msg is not None and msg.fields["phase"] == "mount_root"
+        assert protocol.receive(supervisor) is None
+    finally:
+        supervisor.close()
