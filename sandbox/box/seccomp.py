@@ -36,20 +36,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import functools
 import hashlib
 import os
-import select
 import signal
 import socket
 import struct
 import termios
 from typing import Any
 
-from .. import kernel, state
+from .. import boxinit, kernel, state
 from ..errors import SandboxError
-from ..kernel import Kernel, KernelOps
+from ..kernel import KernelOps
 from ..spec import ArgCondition, SeccompAction, SeccompPolicy
 from .plan import ChildPlan
 
@@ -413,26 +411,15 @@ def _prune(directory: int) -> None:
 
 
 # --- the listener (supervisor side) -------------------------------------------------------
-# The seccomp listener's receiver: a small process that keeps one NOTIF_RECV always blocked.
-#
-# Every notification of the box's filter is a forbidden syscall (the filter's only notify action is
-# its kill action). A notification is removed again when its caller dies, or when a signal
-# interrupts its wait, before anyone received it; then the listener never polls readable, and the
-# only trace left is the kernel's count of requests: a RECV that is already blocked, or that starts
-# while the count is above zero, is woken by the request and returns ENOENT when it finds the
-# notification gone (seccomp_unotify(2) documents ENOENT for a target that died). Polling the
-# listener cannot see that, so a process waits in RECV the whole time the program runs, and tells
-# the supervisor about every return on a socket its event loop watches.
+# The seccomp listener's receiver: a small process that keeps one NOTIF_RECV always blocked
+# (``boxinit receive``, sandbox/native/boxinit.c, which says why one must).
 #
 # A process, not a thread: the supervisor forks the box, and may run many boxes in one process
 # (the image builder), and forking a process with threads is forbidden here. It is forked before
-# any of the box's processes exist, keeps only its socket, and dies with the supervisor
-# (PR_SET_PDEATHSIG).
+# any of the box's processes exist and execs the native receiver at once, so it costs the host
+# a few hundred KiB rather than a copy of the interpreter; it keeps only its socket, and dies
+# with the supervisor (PR_SET_PDEATHSIG).
 
-# seccomp_unotify(2): struct seccomp_notif is {u64 id; u32 pid; u32 flags; struct seccomp_data}
-# and seccomp_data is {int nr; u32 arch; u64 instruction_pointer; u64 args[6]}.
-_NOTIF = struct.Struct("=QIIiIQ6Q")
-SECCOMP_IOCTL_NOTIF_RECV = 0xC0000000 | (_NOTIF.size << 16) | (ord("!") << 8)
 # Linux 6.11 made a RECV return (ENOENT) once no task is left under the filter; before, it
 # blocks on, and the receiver has no last word to wait for.
 RECV_ENDS = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2]) >= (6, 11)
@@ -450,14 +437,15 @@ class Receiver:
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = ours
+        supervisor = str(os.getpid())
         self.pid = os.fork()
-        if self.pid == 0:  # the forked receiver
-            code = 1
+        if self.pid == 0:  # the forked receiver becomes the native one
             try:
-                ours.close()
-                code = _serve(theirs)
+                os.set_inheritable(theirs.fileno(), True)
+                argv = ("boxinit", "receive", str(theirs.fileno()), supervisor)
+                os.execv(boxinit.PATH, argv)  # noqa: S606 - our own binary, argv as given
             finally:
-                os._exit(code)
+                os._exit(1)
         theirs.close()
 
     def hand_over(self, listener: int) -> None:
@@ -487,45 +475,6 @@ class Receiver:
         os.kill(self.pid, signal.SIGKILL)
         os.waitpid(self.pid, 0)
         self.sock.close()
-
-
-def _serve(sock: socket.socket) -> int:  # the forked receiver
-    parent = os.getppid()
-    kernel = Kernel()
-    kernel.set_pdeathsig(signal.SIGKILL)
-    if os.getppid() != parent:  # the supervisor died before the death signal was armed
-        return 1
-    # Keep nothing of the supervisor's: a pipe end held here would keep a peer from its EOF.
-    kernel.close_fds_except((sock.fileno(),))
-    _, fds, _, _ = socket.recv_fds(sock, 1, 1)
-    if not fds:
-        return 0  # the run ended before the program's execve
-    listener = fds[0]
-    buf = bytearray(_NOTIF.size)
-    while True:
-        try:
-            fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                sock.send(_REPORT.pack(_FAILED, e.errno or 0, 0))
-                return 0
-            # ENOENT also answers at once once the filter has no users left (EPOLLHUP): then
-            # it means nothing, and nothing can notify any more. Users never come back, so
-            # ENOENT without HUP afterwards is a request whose caller vanished.
-            if _hung_up(listener):
-                sock.send(_REPORT.pack(_END, 0, 0))
-                return 0
-            sock.send(_REPORT.pack(_VANISHED, 0, 0))
-            continue
-        # Never answered: the caller stays blocked in its syscall until the box is killed.
-        _, _, _, nr, arch, *_ = _NOTIF.unpack(buf)
-        sock.send(_REPORT.pack(_CALL, nr, arch))
-
-
-def _hung_up(fd: int) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
 def listener_supported() -> bool:

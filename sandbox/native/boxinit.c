@@ -17,6 +17,9 @@
  *   runner                (a fork of init): joins the box cgroup, says READY, receives RUN
  *                         (argv, environment, ids, rlimits, stdio, the seccomp filter, binds),
  *                         drops every privilege in the order below and execs the program.
+ *   boxinit receive FD PID  the supervisor's receiver of the box's seccomp listener (outside
+ *                         the box; sandbox/box/seccomp.py, Receiver): reports every return of
+ *                         a RECV kept blocked the whole run on the socket FD; dies with PID.
  *
  * Supervisor -> box messages are binary (parse.h, fuzzed); box -> supervisor messages are the
  * JSON objects sandbox/protocol.py documents. Every system call goes through the k_* wrappers
@@ -417,6 +420,73 @@ static int init_main(void)
     }
 }
 
+/* --- the seccomp listener's receiver (outside the box) ------------------------------------ */
+
+/*
+ * The supervisor forks this and execs it at once, so what waits beside a box for its whole run
+ * is this small program, not a copy of the interpreter. Every notification of the box's filter
+ * is a forbidden call (its only notify action is its kill action). A notification whose caller
+ * dies, or whose wait a signal interrupts, before anyone received it leaves no trace but the
+ * kernel's count of requests: only a RECV already blocked, or started while the count is above
+ * zero, sees it, returning ENOENT (seccomp_unotify(2)). So one RECV stays blocked the whole
+ * time, and each return is one fixed-size report on the socket (box/seccomp.py reads them):
+ * 'C' nr arch, a call (never answered: its caller stays blocked until the box is killed);
+ * 'V', one whose caller vanished; 'F' errno, RECV failed; 'E', no task is left under the filter.
+ */
+struct __attribute__((packed)) notif_report {
+    char kind;
+    int32_t value;
+    uint32_t arch;
+};
+
+static int report_notif(int sock, char kind, int32_t value, uint32_t arch)
+{
+    struct notif_report r = {.kind = kind, .value = value, .arch = arch};
+    struct iovec iov = {.iov_base = &r, .iov_len = sizeof(r)};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    return k_sendmsg(sock, &msg, MSG_NOSIGNAL) == (ssize_t)sizeof(r) ? 0 : -1;
+}
+
+static int receive_main(int sock, pid_t supervisor)
+{
+    /* Die with the supervisor; if it died before the signal was armed, stop now. */
+    if (k_pdeathsig() < 0 || k_getppid() != supervisor)
+        return 1;
+    /* Keep nothing of the supervisor's: a pipe end held here would keep a peer from its EOF. */
+    if (k_close_all_but(sock) < 0)
+        return 1;
+    sync_fd = sock;
+    unsigned char byte[1];
+    struct received got;
+    ssize_t n = receive(byte, sizeof(byte), &got);
+    if (n <= 0 || got.count != 1)
+        return 0; /* the run ended before the program's execve */
+    int listener = got.fds[0];
+    for (;;) {
+        struct seccomp_notif notif;
+        if (k_notif_recv(listener, &notif) == 0) {
+            if (report_notif(sock, 'C', notif.data.nr, notif.data.arch) < 0)
+                return 0;
+            continue;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno != ENOENT) {
+            report_notif(sock, 'F', errno, 0);
+            return 0;
+        }
+        /* ENOENT also answers at once when the filter has no users left (POLLHUP): then it
+         * means nothing, and nothing can notify any more. Users never come back, so ENOENT
+         * without a hang-up is a request whose caller vanished. */
+        if (k_hung_up(listener)) {
+            report_notif(sock, 'E', 0, 0);
+            return 0;
+        }
+        if (report_notif(sock, 'V', 0, 0) < 0)
+            return 0;
+    }
+}
+
 /* The setup process after forking pid 1: wait for it and exit as it did. */
 static int hold_main(pid_t supervisor)
 {
@@ -443,8 +513,10 @@ int main(int argc, char **argv)
         k_close_others(-1);
         return hold_main((pid_t)atoi(argv[2]));
     }
+    if (argc == 4 && strcmp(argv[1], "receive") == 0)
+        return receive_main(atoi(argv[2]), (pid_t)atoi(argv[3]));
     if (argc != 3 || strcmp(argv[1], "init") != 0) {
-        fprintf(stderr, "usage: boxinit hold PID | boxinit init SYNC_FD\n");
+        fprintf(stderr, "usage: boxinit hold PID | boxinit init SYNC_FD | boxinit receive FD PID\n");
         return 2;
     }
     /* Only as pid 1 of the box's pid namespace: its end is kill(-1, SIGKILL), which from any

@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -111,6 +112,9 @@ static inline int k_kill(pid_t p, int s) { (void)p; (void)s; RECORD("kill", NULL
 static inline int k_not_dumpable(void) { RECORD("not_dumpable", NULL, 0); }
 static inline int k_pdeathsig(void) { RECORD("pdeathsig", NULL, 0); }
 static inline int k_hung_up(int fd) { (void)fd; return 0; }
+static inline int k_notif_recv(int fd, struct seccomp_notif *n) { (void)fd; (void)n; errno = ENOSYS; RECORD("notif_recv", NULL, -1); }
+static inline int k_close_all_but(int keep) { (void)keep; RECORD("close_range", NULL, 0); }
+static inline pid_t k_getppid(void) { return getppid(); }
 static inline pid_t k_getpid(void) { return 1; } /* the recording build runs as a plain child */
 static inline int k_cloexec(int fd) { (void)fd; return 0; }
 static inline int k_fill_stdio(void) { return 0; }
@@ -218,6 +222,22 @@ static inline int k_hung_up(int fd)
     return poll(&p, 1, 0) > 0 && (p.revents & POLLHUP);
 }
 static inline pid_t k_getpid(void) { return getpid(); }
+static inline pid_t k_getppid(void) { return getppid(); }
+
+/* seccomp_unotify(2): the kernel refuses (EINVAL) a struct that is not zeroed. */
+static inline int k_notif_recv(int fd, struct seccomp_notif *n)
+{
+    memset(n, 0, sizeof(*n));
+    return ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, n);
+}
+
+/* Close every descriptor but ``keep``, 0-2 included. */
+static inline int k_close_all_but(int keep)
+{
+    if (keep > 0 && syscall(SYS_close_range, 0, keep - 1, 0) < 0)
+        return -1;
+    return (int)syscall(SYS_close_range, keep + 1, ~0U, 0);
+}
 static inline int k_cloexec(int fd) { return fcntl(fd, F_SETFD, FD_CLOEXEC); }
 
 static inline int k_fill_stdio(void)
