@@ -257,8 +257,10 @@ class _Pool:
             os.close(fd)
         self.serving = [(pid, fd) for pid, fd in self.serving if fd not in gone]
         if len(self.serving) > MAX_IDLE_TEARDOWNS:
+            # Only the box's supervisor tears down: its box is dead by then, and a box still
+            # running has a program of its own below, which this process has no business with.
             for pid, _ in self.serving:
-                sched.foreground(pid)
+                sched.raise_process(pid)
 
     def fill(self, spec: Spec, shape: bytes) -> None:
         """Fork warm boxes of ``shape`` until the pool holds its share."""

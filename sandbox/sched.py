@@ -19,6 +19,15 @@ def background() -> None:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
+def raise_process(pid: int) -> None:
+    """Back to the normal policy: ``pid`` only, if it is still at SCHED_IDLE."""
+    if os.geteuid() != 0:
+        return
+    with contextlib.suppress(OSError):  # gone, or not ours to change
+        if os.sched_getscheduler(pid) == os.SCHED_IDLE:
+            os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+
+
 def foreground(pid: int) -> None:
     """Back to the normal policy: ``pid`` and every descendant still at SCHED_IDLE (a warm
     box's processes: the listener's receiver, setup, init, the runner). Parents first, so a
@@ -29,8 +38,9 @@ def foreground(pid: int) -> None:
     pending = [pid]
     while pending:
         current = pending.pop()
-        with contextlib.suppress(OSError):  # gone, or not ours to change
-            if os.sched_getscheduler(current) == os.SCHED_IDLE:
-                os.sched_setscheduler(current, os.SCHED_OTHER, os.sched_param(0))
-            with open(f"/proc/{current}/task/{current}/children") as children:
-                pending += [int(child) for child in children.read().split()]
+        raise_process(current)
+        with (
+            contextlib.suppress(OSError),  # gone
+            open(f"/proc/{current}/task/{current}/children") as children,
+        ):
+            pending += [int(child) for child in children.read().split()]
