@@ -416,7 +416,7 @@ def _prune(directory: int) -> None:
 #
 # A process, not a thread: the supervisor forks the box, and may run many boxes in one process
 # (the image builder), and forking a process with threads is forbidden here. It is forked before
-# any of the box's processes exist and execs the native receiver at once, so it costs the host
+# any of the box's processes exist, as the native receiver straight away, so it costs the host
 # a few hundred KiB rather than a copy of the interpreter; it keeps only its socket, and dies
 # with the supervisor (PR_SET_PDEATHSIG).
 
@@ -437,16 +437,15 @@ class Receiver:
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = ours
-        supervisor = str(os.getpid())
-        self.pid = os.fork()
-        if self.pid == 0:  # the forked receiver becomes the native one
-            try:
-                os.set_inheritable(theirs.fileno(), True)
-                argv = ("boxinit", "receive", str(theirs.fileno()), supervisor)
-                os.execv(boxinit.PATH, argv)  # noqa: S606 - our own binary, argv as given
-            finally:
-                os._exit(1)
-        theirs.close()
+        # posix_spawn (a vfork in glibc): no copy of this interpreter's page tables, which a
+        # fork would make only for the execve to throw away. The receiver's only inheritable
+        # descriptors are stdio and its socket; it closes all but the socket first thing.
+        try:
+            os.set_inheritable(theirs.fileno(), True)
+            argv = ("boxinit", "receive", str(theirs.fileno()), str(os.getpid()))
+            self.pid = os.posix_spawn(boxinit.PATH, argv, {})
+        finally:
+            theirs.close()
 
     def hand_over(self, listener: int) -> None:
         """Give the receiver its copy of the box's listener (the supervisor keeps its own)."""
