@@ -5,6 +5,7 @@ whose profile allows that one syscall, where the kernel (not the filter) answers
 here cannot come from a broken test program or a filter that kills everything.
 """
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -121,3 +122,48 @@ def test_the_race_runs_to_its_end_where_kcmp_is_allowed(cprog, mode, count, tmp_
                        'action = "allow"\n')
     report = race(cprog("notify_race"), mode, count, profile=str(profile))
     assert (report.verdict, report.stdout) == (Verdict.OK, b"survived\n"), report
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a real-time priority takes CAP_SYS_NICE")
+def test_the_receiver_waits_at_a_real_time_priority():
+    """It takes a notification the moment it is queued, before most callers could die with it
+    (docs/seccomp.md, the known gap)."""
+    import threading
+    import time
+
+    import sandbox.api
+
+    done = threading.Thread(target=lambda: sandbox.run(["sleep", "2"]))
+    done.start()
+    try:
+        receivers: list[int] = []
+        deadline = time.monotonic() + 10
+        while not receivers and time.monotonic() < deadline:
+            receivers = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                         and _cmdline(p)[:2] == ["boxinit", "receive"]
+                         and _is_below(int(p), sandbox.api._helper.process.pid)]
+            time.sleep(0.02)
+        assert receivers
+        assert {os.sched_getscheduler(p) for p in receivers} == {os.SCHED_FIFO}
+    finally:
+        done.join()
+
+
+def _cmdline(pid: str) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _is_below(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+    return False
