@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
 
 from ..baseimage import ensure_base_layer
 from ..errors import ConfigError, HostError
-from ..hostpath import CheckedPath, PathRefused, check_source, open_nofollow
+from ..hostpath import PathRefused, check_source, open_nofollow
 from ..kernel import (
     MNT_DETACH,
     MOUNT_ATTR_NODEV,
@@ -52,7 +51,7 @@ from ..kernel import (
     clone_tree,
 )
 from ..spec import Bind, Spec
-from .plan import ChildPlan, PhaseError
+from .plan import ChildPlan, HostDir, MountSource, PhaseError, RootPlan
 from .userns import bound_counters_from_inside
 
 #: Where the child assembles the root inside its own mount namespace. Overmounting it there is
@@ -81,69 +80,6 @@ PROC_MASKED = (
     "sysrq-trigger",
 )
 PROC_READONLY = ("bus", "fs", "irq", "sys")
-
-
-@dataclass(frozen=True)
-class HostDir:
-    """A checked host path for the root: a detached mount tree (root) or its identity only."""
-
-    checked: CheckedPath
-    tree_fd: int | None = None  # from clone_tree; None: the box's init opens and re-checks it
-
-    @property
-    def is_dir(self) -> bool:
-        return self.checked.is_dir
-
-
-@dataclass(frozen=True)
-class MountSource:
-    """A checked host path to bind at ``target``."""
-
-    source: HostDir
-    target: str
-    writable: bool
-
-    @property
-    def is_dir(self) -> bool:
-        return self.source.is_dir
-
-
-@dataclass(frozen=True)
-class RootPlan:
-    """Everything the child needs to build the root."""
-
-    layers: tuple[HostDir, ...]
-    binds: tuple[MountSource, ...]
-    tmp_size: int
-    work_size: int
-    workdir: str
-    noexec_tmp: bool
-    uid: int
-    gid: int
-    cwd: str | None = None  # where the program starts; the work dir if None
-    root_size: int | None = None  # writable root of this size; read-only if None
-    build_dir: HostDir | None = None  # a build step's host dir holding upper/ and work/
-
-    def still_current(self) -> bool:
-        """Whether every host path of the root still names the inode that was checked (a box
-        built ahead of its run must not bind what a path named before it was replaced)."""
-        dirs = (*self.layers, *(b.source for b in self.binds), self.build_dir)
-        for host in dirs:
-            if host is None:
-                continue
-            try:
-                fd, checked = check_source(host.checked.path)
-            except (PathRefused, OSError):
-                return False
-            os.close(fd)
-            if (checked.device, checked.inode) != (host.checked.device, host.checked.inode):
-                return False
-        return True
-
-    def descriptors(self) -> tuple[int, ...]:
-        """The detached trees the child attaches (the parent closes them once it has forked)."""
-        dirs = (*self.layers, *(b.source for b in self.binds), self.build_dir)
-        return tuple(d.tree_fd for d in dirs if d is not None and d.tree_fd is not None)
 
 
 def _host_dir(path: str, detach: bool, what: str, where: str, *, directory: bool) -> HostDir:

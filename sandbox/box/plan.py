@@ -1,19 +1,84 @@
-"""What the box's processes are given before ``fork`` (:class:`ChildPlan`), and how a step of
-theirs fails (:class:`PhaseError`). Shared by every concern module's ``child_`` steps."""
+"""What the box's processes are given before ``fork`` (:class:`ChildPlan`, with the root's
+:class:`RootPlan`), and how a step of theirs fails (:class:`PhaseError`). Shared by every
+concern module's ``child_`` steps; the supervisor fills it in (mounts.plan_root for the root)."""
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..hostpath import CheckedPath, PathRefused, check_source
 from ..kernel import KernelOps
 from ..spec import NetworkMode
 
-if TYPE_CHECKING:  # annotations only: the concern modules import this one
-    from .mounts import RootPlan
+if TYPE_CHECKING:  # an annotation only
     from .treelimits import TreeLimits
+
+
+@dataclass(frozen=True)
+class HostDir:
+    """A checked host path for the root: a detached mount tree (root) or its identity only."""
+
+    checked: CheckedPath
+    tree_fd: int | None = None  # from clone_tree; None: the box's init opens and re-checks it
+
+    @property
+    def is_dir(self) -> bool:
+        return self.checked.is_dir
+
+
+@dataclass(frozen=True)
+class MountSource:
+    """A checked host path to bind at ``target``."""
+
+    source: HostDir
+    target: str
+    writable: bool
+
+    @property
+    def is_dir(self) -> bool:
+        return self.source.is_dir
+
+
+@dataclass(frozen=True)
+class RootPlan:
+    """Everything the child needs to build the root."""
+
+    layers: tuple[HostDir, ...]
+    binds: tuple[MountSource, ...]
+    tmp_size: int
+    work_size: int
+    workdir: str
+    noexec_tmp: bool
+    uid: int
+    gid: int
+    cwd: str | None = None  # where the program starts; the work dir if None
+    root_size: int | None = None  # writable root of this size; read-only if None
+    build_dir: HostDir | None = None  # a build step's host dir holding upper/ and work/
+
+    def still_current(self) -> bool:
+        """Whether every host path of the root still names the inode that was checked (a box
+        built ahead of its run must not bind what a path named before it was replaced)."""
+        dirs = (*self.layers, *(b.source for b in self.binds), self.build_dir)
+        for host in dirs:
+            if host is None:
+                continue
+            try:
+                fd, checked = check_source(host.checked.path)
+            except (PathRefused, OSError):
+                return False
+            os.close(fd)
+            if (checked.device, checked.inode) != (host.checked.device, host.checked.inode):
+                return False
+        return True
+
+    def descriptors(self) -> tuple[int, ...]:
+        """The detached trees the child attaches (the parent closes them once it has forked)."""
+        dirs = (*self.layers, *(b.source for b in self.binds), self.build_dir)
+        return tuple(d.tree_fd for d in dirs if d is not None and d.tree_fd is not None)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import pytest
 
 from sandbox import child, protocol
 from sandbox.box import descriptors
-from sandbox.box.mounts import RootPlan
+from sandbox.box.plan import RootPlan
 from sandbox.kernel import CLONE_NEWCGROUP, CLONE_NEWUSER
 from sandbox.spec import NetworkMode
 
@@ -169,7 +169,8 @@ def test_the_root_is_built_in_the_documented_order():
     """As root (detached trees): "/" private first, files made as the box's ids, the overlay
     before the mounts on it, binds before /dev and /proc, the root made read-only, then
     pivot_root and the old root detached; every mount point is made through the kernel ops."""
-    from sandbox.box.mounts import HostDir, MountSource, build_root
+    from sandbox.box.mounts import build_root
+    from sandbox.box.plan import HostDir, MountSource
     from sandbox.hostpath import CheckedPath
 
     def tree(path: str, is_dir: bool = True) -> HostDir:
