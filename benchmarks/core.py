@@ -591,8 +591,9 @@ def bounded(
     met: bool | None,
 ) -> Row:
     """A row with an absolute target, the peer's value (and the ratio) beside it."""
-    ratio = value / peer_value if peer_value else None
-    return Row(section, figure, unit, value, peer, peer_value, ratio, target, met)
+    return replace(
+        ratio_row(section, figure, unit, value, peer, peer_value), target=target, met=met
+    )
 
 
 def empty(b: Bench) -> None:

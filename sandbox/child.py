@@ -82,7 +82,6 @@ INIT_PHASES: tuple[Phase, ...] = (
 
 #: The Python init's program process (C), forked by init.
 PROGRAM_PHASES: tuple[Phase, ...] = (
-    cgroups.child_join_cgroup,
     mounts.child_await_root,
     cgroups.child_unshare_cgroup,
     userns.child_switch_ids,
@@ -143,14 +142,14 @@ def exec_program(k: KernelOps, plan: ChildPlan) -> None:
         raise PhaseError("install_seccomp", "seccomp", e.errno or 0) from None
     # CLOCK_MONOTONIC is one clock for every namespace (no time namespace is made), so the
     # supervisor can measure wall time from this instant rather than from its own wake-up.
-    # The CPU this process used since joining the box cgroup is the sandbox's, not the
-    # program's: it is reported so the supervisor can subtract it exactly.
+    # This process is in no box cgroup (the Python init runs only without one; the box init's
+    # figures are the whole tree's): none of the cgroup's CPU is the sandbox's.
     protocol.send(
         plan.sync,
         protocol.EXEC,
         fds=(listener,) if plan.listener else (),
         at=time.monotonic_ns(),
-        cpu_ns=cgroups.child_cpu_since_join(plan),
+        cpu_ns=0,
     )
     try:
         k.execve(path, plan.argv, plan.env)
@@ -185,8 +184,7 @@ def _init(k: KernelOps, plan: ChildPlan) -> int:
     program = k.fork()
     if program == 0:
         _in_child(k, plan, _program)
-    for fd in (plan.root_ready[0], *plan.cgroup_entry):
-        k.close(fd)
+    k.close(plan.root_ready[0])
     _run_phases(k, plan, INIT_PHASES)
     pidns.child_reap_until_the_program_exits(k, plan, program)
     return 0

@@ -31,6 +31,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -129,14 +130,15 @@ def shape_of(spec: Spec) -> bytes | None:
     return pickle.dumps(PreparedBox.shape(spec))
 
 
-def _serve_one(
-    request: Request, conn: socket.socket, fds: list[int], box: Any = None, at: float = 0.0
-) -> None:
+def _serve_one(request: Request, fds: list[int], box: Any = None, at: float = 0.0) -> None:
+    """In a fork: run ``request`` (in ``box`` if it is one of its shape, else cold) and send
+    the outcome on the run's socket, the first of ``fds`` (as the request message came)."""
     from .streams import FdSink, MemfdSink, Sink
     from .supervisor import run_box
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the helper ignores it; we wait for our box
-    stdin_fd, *rest = fds
+    conn = socket.socket(fileno=fds[0])
+    stdin_fd, *rest = fds[1:]
     sinks: list[Sink] = []
     # Captured output goes to memory files handed to the caller, not through this process's
     # heap and a pickle (which cost several copies of the output outside every limit).
@@ -196,11 +198,13 @@ class _Warm:
     shape: bytes
 
 
-def _warm_box(spec: Spec, sock: socket.socket) -> None:
+def _warm_box(spec: Spec, sock: socket.socket, helper_end: socket.socket) -> None:
     """In a fork of the helper: build a box of ``spec``'s shape, then serve one run from
-    ``sock`` (a request message with its descriptors, as on the control socket)."""
+    ``sock`` (a request message with its descriptors, as on the control socket; the helper
+    keeps ``helper_end``)."""
     from .supervisor import PreparedBox
 
+    helper_end.close()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     sched.background()
     try:
@@ -216,7 +220,23 @@ def _warm_box(spec: Spec, sock: socket.socket) -> None:
             box.close()
         return
     request = pickle.loads(data)  # noqa: S301 - sent by the helper that forked us
-    _serve_one(request, socket.socket(fileno=fds[0]), fds[1:], box, at)
+    _serve_one(request, fds, box, at)
+
+
+def _fork(control: socket.socket, pool: _Pool, body: Callable[..., object], *args: Any) -> int:
+    """Fork; the child closes the helper's descriptors (its control socket, the pool's), runs
+    ``body(*args)`` and exits, never returning into the helper's loop. Returns its pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            control.close()
+            pool.close_in_child()
+            body(*args)
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
 
 
 class _Pool:
@@ -266,22 +286,12 @@ class _Pool:
         """Fork warm boxes of ``shape`` until the pool holds its share."""
         from .supervisor import PreparedBox
 
+        template = replace(PreparedBox.shape(spec), argv=spec.argv[:1])
         while sum(w.shape == shape for w in self.warm) < self.size:
             if len(self.warm) >= MAX_WARM:
                 self.warm.pop(0).sock.close()  # its process sees end of file and tears down
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            template = replace(PreparedBox.shape(spec), argv=spec.argv[:1])
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    self.control.close()
-                    ours.close()
-                    self.close_in_child()
-                    _warm_box(template, theirs)
-                    code = 0
-                finally:
-                    os._exit(code)
+            pid = _fork(self.control, self, _warm_box, template, theirs, ours)
             theirs.close()
             self.warm.append(_Warm(pid, ours, shape))
 
@@ -321,22 +331,11 @@ def serve(control: socket.socket) -> None:
                 socket.send_fds(warm.sock, [data], fds)
             warm.sock.close()
         else:
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    control.close()
-                    pool.close_in_child()
-                    _serve_one(request, socket.socket(fileno=fds[0]), fds[1:])
-                    code = 0
-                finally:
-                    os._exit(code)
+            _fork(control, pool, _serve_one, request, fds)
         for fd in fds:
             os.close(fd)
         if single is not None and shape is not None:
             pool.fill(single, shape)  # the next box of this shape builds while this one runs
-
-
 
 
 def main() -> None:

@@ -200,8 +200,9 @@ class PreparedBox:
         if self.box is not None:
             self._start_native()
 
-    def _plan(self, native_fd: int | None, stdio: tuple[int, ...], root_ready: tuple[int, ...],
-              entry: tuple[int, ...]) -> child.ChildPlan:
+    def _plan(
+        self, native_fd: int | None, stdio: tuple[int, ...], root_ready: tuple[int, ...]
+    ) -> child.ChildPlan:
         spec = self.spec
         return child.ChildPlan(
             argv=spec.argv,
@@ -222,7 +223,6 @@ class PreparedBox:
             listener=self.listener,
             supervisor_pid=os.getpid(),
             root_ready=root_ready,
-            cgroup_entry=entry,
             tree_limits=rlimits.tree_limits(self.spec.limits, self.box is None),
             native_init=native_fd,
             init_ids=(userns.INIT_INSIDE,) * 2 if self.ids.init is not None else None,
@@ -248,7 +248,7 @@ class PreparedBox:
         entry = self.box.open_entry()
         handoff = _Handoff(entry=entry, ours=entry)
         self.stack.callback(lambda: handoff.release(handoff.ours))
-        self.supervisor = self._start(self._plan(native_fd, (), (), ()), handoff)
+        self.supervisor = self._start(self._plan(native_fd, (), ()), handoff)
         self.supervisor.until_ready()
 
     def run(
@@ -319,7 +319,7 @@ class PreparedBox:
         else:
             root_ready = os.pipe2(os.O_CLOEXEC)
             try:
-                supervisor = self._start(self._plan(None, stdio, root_ready, ()), None)
+                supervisor = self._start(self._plan(None, stdio, root_ready), None)
             finally:
                 for fd in (*ours, *root_ready, *handed_over):
                     os.close(fd)

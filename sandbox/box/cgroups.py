@@ -491,26 +491,10 @@ def backend() -> CgroupBackend | HostError:
     return _backend_cache
 
 
-# --- child side: the program's process enters the box cgroup --------------------------------
-
-_joined_at_cpu_ns = 0
-
-
-def child_join_cgroup(k: KernelOps, plan: ChildPlan) -> None:
-    """Move into the box cgroup through the files the supervisor opened ("0" is the writer)."""
-    global _joined_at_cpu_ns
-    for fd in plan.cgroup_entry:
-        k.join_cgroup(fd)
-    _joined_at_cpu_ns = time.clock_gettime_ns(time.CLOCK_PROCESS_CPUTIME_ID)
-
-
-def child_cpu_since_join(plan: ChildPlan) -> int:
-    """CPU this process used in the box cgroup: the sandbox's, which the supervisor subtracts."""
-    if not plan.cgroup_entry:
-        return 0
-    return time.clock_gettime_ns(time.CLOCK_PROCESS_CPUTIME_ID) - _joined_at_cpu_ns
+# --- child side (the native runner joins the box cgroup itself, boxinit.c) -----------------
 
 
 def child_unshare_cgroup(k: KernelOps, plan: ChildPlan) -> None:
-    """After joining: the box's cgroup becomes the root of its cgroup namespace."""
+    """The program's cgroup becomes the root of its cgroup namespace: no host cgroup path
+    shows in ``/proc/self/cgroup``."""
     k.unshare(CLONE_NEWCGROUP)

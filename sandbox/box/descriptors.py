@@ -15,7 +15,6 @@ def child_isolate_fds(k: KernelOps, plan: ChildPlan) -> None:
             *plan.stdio,
             plan.sync.fileno(),
             *plan.root_ready,
-            *plan.cgroup_entry,
             *plan.root.descriptors(),
             *((plan.native_init,) if plan.native_init is not None else ()),
         )

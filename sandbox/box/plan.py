@@ -103,7 +103,6 @@ class ChildPlan:
     listener: bool
     supervisor_pid: int
     root_ready: tuple[int, ...]  # Python init: pipe, one byte when the root is built; () if native
-    cgroup_entry: tuple[int, ...]  # files that move their writer into the box cgroup
     tree_limits: TreeLimits | None = None  # no cgroup: init enforces CPU and memory
     native_init: int | None = None  # boxinit's descriptor; None: the Python init (no cgroup)
     init_ids: tuple[int, int] | None = None  # as root: pid 1's own ids inside (userns.py)

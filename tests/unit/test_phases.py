@@ -69,8 +69,7 @@ def plan():
                         drop_groups=True, creator_uid=100_000_005,
                         counter_limits=((11, 1024),), root=root,
                         rlimits=((4, 0),), stdio=(0, 1, 2), sync=theirs, bpf=b"\0" * 8,
-                        listener=True, supervisor_pid=os.getppid(), root_ready=os.pipe(),
-                        cgroup_entry=(7, 8))
+                        listener=True, supervisor_pid=os.getppid(), root_ready=os.pipe())
     os.write(p.root_ready[1], b"1")
     yield p, ours
     ours.close()
@@ -109,14 +108,14 @@ def test_program_phases_end_with_privileges_dropped_then_seccomp_then_execve(pla
     assert names.index("drop_capabilities") < names.index("install_seccomp")
     # ids change before capabilities go (setresuid needs CAP_SETUID in the namespace) ...
     assert names.index("setresuid") < names.index("drop_capabilities")
-    # ... the cgroup namespace is made after joining the cgroup, while caps remain ...
+    # ... the cgroup namespace is made while caps remain ...
     assert names.index("unshare") < names.index("setresuid")
     # ... and fds are closed after stdio is in place, so only 0-2 and sync survive.
     assert names.index("dup2") < names.index("close_fds_except")
     # ... and the program starts with default signal dispositions and an empty mask.
     assert names.index("unblock_signals") < names.index("install_seccomp")
     assert k.calls[names.index("close_fds_except")][1][0] == (0, 1, 2, p.sync.fileno())
-    assert names[:2] == ["join_cgroup", "join_cgroup"]  # one per entry file, before all else
+    assert names[:2] == ["close", "read"]  # it waits for the root before all else
     assert protocol.receive(supervisor).kind == protocol.EXEC
 
 
@@ -126,7 +125,7 @@ def test_phase_lists_keep_the_documented_order():
     assert init[0] == "mount_root" and init[1] == "rearm_death_signal"
     assert init.index("protect_init") < init.index("announce_root") == len(init) - 1
     program = [child.phase_name(f) for f in child.PROGRAM_PHASES]
-    assert program[:2] == ["join_cgroup", "await_root"]  # joined and in the new root first
+    assert program[0] == "await_root"  # in the new root first
     assert program[-3:] == ["no_new_privs", "drop_capabilities", "reset_signals"]
 
 
@@ -217,10 +216,10 @@ def test_the_python_init_forks_its_program_first_then_builds_the_root_and_reaps_
     k = RecordingKernel(forks=(42,), reaped=(41, 42))  # a stray child first, then the program
     assert child._init(k, p) == 0
     names = k.names
-    # The program's process is forked before the root exists (it joins the cgroup meanwhile).
+    # The program's process is forked before the root exists (it waits for it meanwhile).
     assert names.index("fork") < names.index("mount")
     assert _without_root_building(names) == [
-        "set_pdeathsig", "fork", "close", "close", "close",  # root_ready's read end, cgroup files
+        "set_pdeathsig", "fork", "close",  # root_ready's read end
         "set_pdeathsig", "sethostname", "set_dumpable", "write", "close",
         "default_signal", "wait4", "wait4",
     ]
@@ -235,7 +234,7 @@ def test_the_python_inits_program_process_runs_its_phases_after_the_fork(plan):
     with pytest.raises(Exited):  # execve "returned" here; the process ends, never unwinds
         child._init(k, p)
     names = k.names
-    assert names[:3] == ["set_pdeathsig", "fork", "join_cgroup"]
+    assert names[:4] == ["set_pdeathsig", "fork", "close", "read"]  # it waits for the root
     assert "mount" not in names  # the root is init's job
     assert names[-3:] == ["install_seccomp", "execve", "exit"]
     assert protocol.receive(supervisor).kind == protocol.EXEC
