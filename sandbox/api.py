@@ -17,6 +17,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import helper, logs
 from .errors import ConfigError, HostError, SandboxError
@@ -24,6 +25,11 @@ from .group import GroupReport, load_group
 from .report import Report
 from .request import Request, resolve
 from .spec import Bind
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from .limits import LimitKeywords
 from .streams import read_capture
 
 BindLike = Bind | tuple[str, str] | tuple[str, str, bool]
@@ -168,21 +174,8 @@ def run(
     stderr: int | None = None,
     binds: Sequence[BindLike] = (),
     env: Mapping[str, str] | None = None,
-    wall_time: float | str | None = None,
-    cpu_time: float | str | None = None,
-    memory: int | str | None = None,
-    pids: int | None = None,
-    fsize: int | str | None = None,
-    open_files: int | None = None,
-    stack: int | str | None = None,
-    output: int | str | None = None,
-    tmp_size: int | str | None = None,
-    work_size: int | str | None = None,
-    extra_time: float | str | None = None,
-    cpu_quota: float | None = None,
-    cpus: str | list[int] | None = None,
-    root_size: int | str | None = None,
     image: str | None = None,
+    **limits: Unpack[LimitKeywords],
 ) -> Report:
     """Run ``argv`` in a new box and return its report (captured output in ``stdout``/``stderr``).
 
@@ -190,8 +183,10 @@ def run(
     policy picks the profile from ``purpose``/``language``/``tenant`` and clamps limits to its
     ceilings. ``stdin`` is bytes, text, a file descriptor (duplicated) or None (empty);
     ``stdout``/``stderr`` are captured into the report unless given a file descriptor to write
-    to (the output limit applies either way). Limits
-    override the profile's (sizes accept ``64M``, durations ``500ms``). Raises
+    to (the output limit applies either way). The limit keywords (one per limit of
+    :data:`sandbox.limits.LIMITS`: ``wall_time``, ``cpu_time``, ``memory``, ``pids``, ...)
+    override the profile's (sizes accept ``64M``, durations ``500ms``; None keeps the
+    profile's). Raises
     :class:`~sandbox.errors.SandboxError` for invalid requests and hosts that cannot honour the
     profile; everything the program does is in the report's verdict. ``image`` runs on an
     image of the store (its Entrypoint/Cmd, Env and WorkingDir apply; an empty ``argv`` runs
@@ -203,26 +198,6 @@ def run(
         if v is not None
     }
     _check_keywords(attributes, stdin, {"stdout": stdout, "stderr": stderr}, binds, env)
-    limits = {
-        k: v
-        for k, v in (
-            ("wall_time", wall_time),
-            ("cpu_time", cpu_time),
-            ("memory", memory),
-            ("pids", pids),
-            ("fsize", fsize),
-            ("open_files", open_files),
-            ("stack", stack),
-            ("output", output),
-            ("tmp_size", tmp_size),
-            ("work_size", work_size),
-            ("extra_time", extra_time),
-            ("cpu_quota", cpu_quota),
-            ("cpus", cpus),
-            ("root_size", root_size),
-        )
-        if v is not None
-    }
     spec = resolve(
         Request(
             argv=argv,  # resolve refuses a string (which list() would split into letters)
@@ -230,7 +205,7 @@ def run(
             policy=policy,
             attributes=attributes,
             binds=[_as_bind(b, i) for i, b in enumerate(binds)],
-            limits=limits,
+            limits={k: v for k, v in limits.items() if v is not None},
             env=env or {},
             image=image,
         )

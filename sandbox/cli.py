@@ -21,42 +21,9 @@ from dataclasses import asdict
 from typing import Any, ClassVar, NoReturn, cast
 
 from .errors import EXIT_SANDBOX_ERROR, SandboxError
-from .spec import LIMIT_NAMES
+from .limits import LIMITS
 
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
-
-_LIMIT_FLAGS = {
-    "wall_time": "--wall-time",
-    "cpu_time": "--cpu-time",
-    "memory": "--memory",
-    "pids": "--pids",
-    "fsize": "--fsize",
-    "open_files": "--open-files",
-    "stack": "--stack",
-    "output": "--output-limit",
-    "tmp_size": "--tmp-size",
-    "work_size": "--work-size",
-    "extra_time": "--extra-time",
-    "cpu_quota": "--cpu-quota",
-    "cpus": "--cpus",
-    "root_size": "--root-size",
-}
-_LIMIT_HELP = {
-    "wall_time": "seconds (2, 2.5s, 500ms)",
-    "cpu_time": "seconds of CPU, all threads",
-    "memory": "bytes (64M, 1G)",
-    "pids": "tasks (threads count)",
-    "fsize": "largest file",
-    "open_files": "descriptors",
-    "stack": "stack size",
-    "output": "bytes per output stream",
-    "tmp_size": "size of /tmp",
-    "work_size": "size of the work dir",
-    "extra_time": "grace seconds before a time limit kills (still a time-limit verdict)",
-    "cpu_quota": "CPUs' worth of time (1.5 = one and a half CPUs)",
-    "cpus": "CPUs to pin the box to (0-1,3)",
-    "root_size": "make the root writable, with this much room (thrown away after the run)",
-}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -178,8 +145,8 @@ def _exec_arguments(ex: argparse.ArgumentParser) -> None:
         help="bind a host path read-only",
     )
     ex.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
-    for name in LIMIT_NAMES:
-        ex.add_argument(_LIMIT_FLAGS[name], dest=name, metavar="N", help=_LIMIT_HELP[name])
+    for name, entry in LIMITS.items():
+        ex.add_argument(entry.flag, dest=name, metavar="N", help=entry.help)
     ex.add_argument("--report", metavar="FILE", help="write the JSON report here")
     ex.add_argument("--meta", metavar="FILE", help="write an isolate-style key:value meta file")
     ex.add_argument("--stdin", metavar="FILE", help="read the program's stdin from FILE")
@@ -302,7 +269,7 @@ def _exec(args: argparse.Namespace) -> int:
         attributes=_attributes(args),
         binds=[parse_bind(b, True) for b in args.bind]
         + [parse_bind(b, False) for b in args.ro_bind],
-        limits={n: getattr(args, n) for n in LIMIT_NAMES if getattr(args, n) is not None},
+        limits={n: getattr(args, n) for n in LIMITS if getattr(args, n) is not None},
         env=env,
         image=args.image,
     )
@@ -358,7 +325,7 @@ def _profile(args: argparse.Namespace) -> int:
 def _policy(args: argparse.Namespace) -> int:
     from .policy import load_policy
     from .profiles import load_profile
-    from .request import clamp, format_limit
+    from .request import clamp
 
     policy = load_policy(args.file)
     if args.action == "check":
@@ -377,14 +344,14 @@ def _policy(args: argparse.Namespace) -> int:
         print(f"{why} matches: profile {name}")
     print(f"profile file: {profile.source}")
     print("effective limits (the profile's, capped by the policy's ceilings):")
-    width = max(len(n) for n in LIMIT_NAMES)
-    for limit in LIMIT_NAMES:
+    width = max(len(n) for n in LIMITS)
+    for limit, entry in LIMITS.items():
         value, asked = getattr(limits, limit), getattr(profile.limits, limit)
-        line = f"  {limit:<{width}}  {format_limit(limit, value)}"
+        line = f"  {limit:<{width}}  {entry.format(value)}"
         if value != asked:
-            line += f"  (the profile asks {format_limit(limit, asked)}; ceilings.{limit})"
+            line += f"  (the profile asks {entry.format(asked)}; ceilings.{limit})"
         elif limit in ceilings:
-            line += f"  (ceiling {format_limit(limit, ceilings[limit])})"
+            line += f"  (ceiling {entry.format(ceilings[limit])})"
         print(line)
     networks = ", ".join(n.value for n in policy.networks)
     binds = "none" if not policy.binds else "read-write" if policy.writable_binds else "read-only"

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .profiles import find_named, parse_limits, read_toml
-from .spec import UNORDERED_LIMITS, NetworkMode
+from .limits import LIMITS, Order, parse_limits
+from .profiles import find_named, read_toml
+from .spec import NetworkMode
 
 ATTRIBUTES = ("purpose", "language", "tenant")
 _TOP_KEYS = {"description", "default_profile", "rule", "ceilings", "allow"}
@@ -125,8 +126,9 @@ def load_policy(path: str | Path) -> Policy:
     if not isinstance(ceilings_raw, dict):
         raise ConfigError(source, "ceilings", "expected a table")
     ceilings = parse_limits(ceilings_raw, lambda k, p: ConfigError(source, f"ceilings.{k}", p))
-    for name in UNORDERED_LIMITS & set(ceilings):
-        raise ConfigError(source, f"ceilings.{name}", "this limit has no order, so no ceiling")
+    for name in ceilings:
+        if LIMITS[name].order is Order.UNORDERED:
+            raise ConfigError(source, f"ceilings.{name}", "this limit has no order, so no ceiling")
     allow = raw.get("allow", {})
     if not isinstance(allow, dict):
         raise ConfigError(source, "allow", "expected a table")

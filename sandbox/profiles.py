@@ -15,27 +15,22 @@ import re
 import socket
 import stat
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from . import syscall_groups
 from .errors import ConfigError
+from .limits import LIMITS, Limits, parse_limits
 from .spec import (
-    DURATION_LIMITS,
-    LIMIT_NAMES,
-    SIZE_LIMITS,
     ArgCondition,
     Bind,
     Fallback,
-    Limits,
     NetworkMode,
     Profile,
     SeccompAction,
     SeccompPolicy,
     SeccompRule,
 )
-from .units import format_size, parse_cpu_list, parse_duration, parse_size
 
 _T = TypeVar("_T")
 _E = TypeVar("_E", NetworkMode, SeccompAction, Fallback)
@@ -50,7 +45,7 @@ SOCKET_FAMILIES = {"unix": socket.AF_UNIX, "inet": socket.AF_INET, "inet6": sock
 
 _TOP_KEYS = {"description", "extends", "box", "limits", "env", "seccomp", "bind", "image"}
 _BOX_KEYS = {"hostname", "network", "uid", "gid", "workdir", "noexec_tmp"}
-_LIMIT_KEYS = set(LIMIT_NAMES) | {"fallback"}
+_LIMIT_KEYS = set(LIMITS) | {"fallback"}
 _SECCOMP_KEYS = {
     "default",
     "default_errno",
@@ -397,70 +392,3 @@ class _Validator:
                 )
             )
         return SeccompRule(syscalls, action, err, tuple(conditions))
-
-
-#: The smallest value of each size limit that is not surely a mistake: a box needs about a
-#: megabyte of memory to exec anything, a dynamic loader some stack, a tmpfs at least a page.
-SIZE_FLOORS = {
-    "memory": 1 << 20,
-    "stack": 64 << 10,
-    "tmp_size": 4 << 10,
-    "work_size": 4 << 10,
-    "root_size": 4 << 10,
-}
-#: The largest count the kernel accepts: PID_MAX_LIMIT (64-bit), and nr_open's default.
-COUNT_CEILINGS = {"pids": 1 << 22, "open_files": 1 << 20}
-_DIGITS = re.compile(r"^\s*\d+\s*$")
-
-
-def _size_limit(key: str, value: object) -> int:
-    size = parse_size(value)
-    floor = SIZE_FLOORS.get(key, 1)
-    if size >= floor:
-        return size
-    unitless = isinstance(value, int) or (isinstance(value, str) and _DIGITS.match(value))
-    shown = format_size(floor)
-    if unitless and size > 0:
-        raise ValueError(
-            f"{size} bytes is below the {shown} floor of this limit: did you mean {size}M?"
-        )
-    raise ValueError(f"expected a size of at least {shown}, got {value!r}")
-
-
-def _count_limit(key: str, value: object) -> int:
-    if isinstance(value, str) and _DIGITS.match(value):  # the command line gives strings
-        value = int(value)
-    ceiling = COUNT_CEILINGS[key]
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= ceiling:
-        raise ValueError(f"expected a whole number > 0 and at most {ceiling}, got {value!r}")
-    return value
-
-
-def parse_limits(values: dict[str, Any], fail: Callable[[str, str], Exception]) -> dict[str, Any]:
-    """Validate limit values from any source (profile, policy, CLI, API) into Limits units."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in LIMIT_NAMES:
-            raise fail(key, "unknown limit (expected one of " + ", ".join(LIMIT_NAMES) + ")")
-        try:
-            if key == "extra_time" and value in (0, "0", "0s", "0ms"):
-                out[key] = 0.0
-            elif key == "cpus":
-                out[key] = parse_cpu_list(value)
-            elif key == "cpu_quota":
-                try:
-                    quota = float(value) if not isinstance(value, bool) else -1.0
-                except (TypeError, ValueError):
-                    quota = -1.0
-                if not 0.01 <= quota <= 4096:
-                    raise ValueError(f"expected a number of CPUs from 0.01 to 4096, got {value!r}")
-                out[key] = quota
-            elif key in DURATION_LIMITS:
-                out[key] = parse_duration(value)
-            elif key in SIZE_LIMITS:
-                out[key] = _size_limit(key, value)
-            else:
-                out[key] = _count_limit(key, value)
-        except ValueError as e:
-            raise fail(key, str(e)) from None
-    return out

@@ -27,6 +27,20 @@ class Verdict(StrEnum):
     SANDBOX_ERROR = "sandbox_error"
 
 
+class StopReason(StrEnum):
+    """Why the supervisor (or, without a cgroup, the box's init) stopped a box: the report's
+    ``limit_fired``. A limit's reason is named after the limit (sandbox/limits.py)."""
+
+    WALL_TIME = "wall_time"
+    CPU_TIME = "cpu_time"
+    MEMORY = "memory"
+    OUTPUT = "output"
+    FORBIDDEN_SYSCALL = "forbidden_syscall"
+    PEER_EXITED = "peer_exited"  # a group's grace period after a peer ended ran out
+    CANCELLED = "cancelled"  # the caller went away
+    SETUP = "setup"  # the box's setup took too long
+
+
 @dataclass(frozen=True)
 class AppliedLimit:
     """One limit as applied to the run and the mechanism that enforced it."""
@@ -59,7 +73,7 @@ class Report:
     stderr_bytes: int = 0
     stdout_truncated: bool = False
     stderr_truncated: bool = False
-    limit_fired: str | None = None
+    limit_fired: StopReason | None = None
     error: str | None = None
     setup_time: float = 0.0
     clamped: tuple[str, ...] = ()
@@ -98,6 +112,7 @@ class Report:
         data = asdict(self)
         del data["stdout"], data["stderr"], data["ended_at"]
         data["verdict"] = self.verdict.value
+        data["limit_fired"] = None if self.limit_fired is None else self.limit_fired.value
         data["signal_name"] = self.signal_name
         data["schema"] = SCHEMA_VERSION
         return data

@@ -16,17 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
-from .profiles import load_profile, parse_limits
-from .spec import (
-    ABSENT_IS_TIGHTEST,
-    DURATION_LIMITS,
-    SIZE_LIMITS,
-    Bind,
-    ImageRoot,
-    Limits,
-    Spec,
-)
-from .units import format_cpu_list, format_duration, format_size
+from .limits import LIMITS, Limits, clamp_to, parse_limits
+from .profiles import load_profile
+from .spec import Bind, ImageRoot, Spec
 
 if TYPE_CHECKING:
     from .image.oci import ImageConfig
@@ -91,39 +83,17 @@ def check_bind_target(bind: Bind, key: str) -> None:
         )
 
 
-def format_limit(name: str, value: object) -> str:
-    """One limit's value as a person reads it: ``256M``, ``2.5s``, ``1.5 CPUs``, ``none``."""
-    if value is None:
-        return {"root_size": "none (read-only root)", "cpus": "all"}.get(name, "none")
-    if name in SIZE_LIMITS and isinstance(value, int):
-        text = format_size(value)
-        return text if not text.isdigit() else f"{text} bytes"
-    if name in DURATION_LIMITS and isinstance(value, int | float):
-        return format_duration(float(value))
-    if name == "cpu_quota":
-        return f"{value:g} CPUs" if isinstance(value, float) else str(value)
-    if name == "cpus" and isinstance(value, tuple):
-        return format_cpu_list(value)
-    return str(value)
-
-
 def clamp(limits: Limits, policy: Policy | None) -> tuple[Limits, tuple[str, ...]]:
     """Apply the policy's ceilings; returns the limits and a note per clamped limit."""
     if policy is None:
         return limits, ()
-    changes: dict[str, float | int] = {}
-    notes = []
-    for name, ceiling in policy.ceilings:
-        value = getattr(limits, name)
-        if value is None and name in ABSENT_IS_TIGHTEST:
-            continue
-        if value is None or value > ceiling:
-            changes[name] = ceiling
-            notes.append(
-                f"{name}: {format_limit(name, value)} -> {format_limit(name, ceiling)} "
-                f"({policy.source}: ceilings.{name})"
-            )
-    return limits.merged(**changes), tuple(notes)
+    clamped, lowered = clamp_to(limits, dict(policy.ceilings))
+    notes = tuple(
+        f"{name}: {LIMITS[name].format(asked)} -> {LIMITS[name].format(ceiling)} "
+        f"({policy.source}: ceilings.{name})"
+        for name, asked, ceiling in lowered
+    )
+    return clamped, notes
 
 
 def resolve(request: Request) -> Spec:

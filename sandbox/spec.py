@@ -7,37 +7,10 @@ one request (the command, binds, limit overrides) after the policy has clamped i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
-#: Limits a request or policy may set, in the units of :class:`Limits` (seconds, bytes, counts).
-LIMIT_NAMES = (
-    "wall_time",
-    "cpu_time",
-    "memory",
-    "pids",
-    "fsize",
-    "open_files",
-    "stack",
-    "output",
-    "tmp_size",
-    "work_size",
-    "extra_time",
-    "cpu_quota",
-    "cpus",
-    "root_size",
-)
-#: Limits given in seconds.
-DURATION_LIMITS = frozenset({"wall_time", "cpu_time", "extra_time"})
-#: Limits that are not ordered, so a policy cannot put a ceiling on them.
-UNORDERED_LIMITS = frozenset({"cpus"})
-#: Limits given in bytes (accept ``64M`` style sizes).
-SIZE_LIMITS = frozenset(
-    {"memory", "fsize", "stack", "output", "tmp_size", "work_size", "root_size"}
-)
-#: Limits whose absence is the tightest setting (no writable root), so a ceiling never fills in.
-ABSENT_IS_TIGHTEST = frozenset({"root_size"})
+from .limits import Limits  # the limit registry; every Spec carries one
 
 
 class NetworkMode(StrEnum):
@@ -61,31 +34,6 @@ class Fallback(StrEnum):
 
     NONE = "none"  # fail closed: refuse the run
     RLIMIT = "rlimit"  # enforce memory with RLIMIT_AS and pids with RLIMIT_NPROC
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Resource limits; ``None`` means the profile sets none (only allowed where documented)."""
-
-    wall_time: float = 10.0
-    cpu_time: float | None = None
-    memory: int | None = None
-    pids: int | None = None
-    fsize: int | None = None
-    open_files: int | None = None
-    stack: int | None = None
-    output: int | None = None
-    tmp_size: int = 16 << 20
-    work_size: int = 16 << 20
-    extra_time: float = 0.0  # grace after a time limit before the kill (isolate's --extra-time)
-    cpu_quota: float | None = None  # CPUs' worth of time per period (cgroup cpu controller)
-    cpus: tuple[int, ...] | None = None  # CPUs the box may run on (cgroup cpuset)
-    root_size: int | None = None  # a writable root of this size (tmpfs upper); read-only if None
-
-    def merged(self, **overrides: object) -> Limits:
-        """Return a copy with the given limits replaced (``None`` values are ignored)."""
-        changes: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
-        return replace(self, **changes)
 
 
 @dataclass(frozen=True, slots=True)

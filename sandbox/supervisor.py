@@ -26,8 +26,9 @@ from .errors import ConfigError, HostError
 from .hostinfo import host_facts
 from .image.lock import hold_store
 from .kernel import Kernel
-from .report import AppliedLimit, Report
-from .spec import Fallback, Limits, NetworkMode, Spec
+from .limits import LIMITS, Limits
+from .report import AppliedLimit, Report, StopReason
+from .spec import Fallback, NetworkMode, Spec
 from .streams import MAX_BACKLOG, BufferSink, Sink
 from .verdict import Observed, decide
 
@@ -62,7 +63,7 @@ class _Run:
     tree_usage: tuple[float, float, int] | None = None  # no cgroup: user, system, memory peak
     setup_error: str | None = None
     exec_errno: int | None = None
-    killed_for: str | None = None
+    killed_for: StopReason | None = None
     forbidden: str | None = None
     listeners: list[int] = field(default_factory=list)
     streams: list[_Stream | None] = field(default_factory=list)  # stdout, stderr (None: direct)
@@ -171,7 +172,7 @@ class PreparedBox:
         self.listener = seccomp.listener_supported()
         self.bpf = seccomp.compile_filter(spec.profile.seccomp, notify=self.listener)
         fallback = isinstance(backend, HostError)
-        self.rlimits, self.mechanisms = rlimits.table(spec.limits, fallback)
+        self.rlimits, self.applied = rlimits.table(spec.limits, fallback)
         # Forked first, while the process holds the fewest descriptors and none of the box's
         # processes exist; stopped last, after the box is killed (see seccomp.Receiver.stop).
         self.receiver = seccomp.Receiver() if self.listener else None
@@ -192,6 +193,10 @@ class PreparedBox:
         self.box = None if isinstance(backend, HostError) else backend.create(spec.limits)
         if self.box is not None:
             stack.callback(self.box.destroy)
+        self.tree_limits = rlimits.tree_limits(spec.limits, self.box is None)
+        if self.tree_limits is not None:
+            self.applied |= treelimits.applied(self.tree_limits, spec.limits)
+        self.applied |= self.root.applied()
         self.sock, self.child_sock = protocol.socketpair()
         stack.callback(self.sock.close)
         stack.callback(self.child_sock.close)
@@ -223,7 +228,7 @@ class PreparedBox:
             listener=self.listener,
             supervisor_pid=os.getpid(),
             root_ready=root_ready,
-            tree_limits=rlimits.tree_limits(self.spec.limits, self.box is None),
+            tree_limits=self.tree_limits,
             native_init=native_fd,
             init_ids=(userns.INIT_INSIDE,) * 2 if self.ids.init is not None else None,
         )
@@ -325,7 +330,7 @@ class PreparedBox:
                     os.close(fd)
         supervisor.attach(run.streams, cancel_fd)
         usage = supervisor.run()  # the box's processes are killed by its end
-        report = _account(spec, run, usage, self.box, self.mechanisms, stdout, stderr)
+        report = _account(spec, run, usage, self.box, self.applied, stdout, stderr)
         # The verdict is final and nothing of the box runs: only now may a slow consumer make
         # us wait. The report goes out before the teardown (cgroup, mounts, id slot).
         for sink in (stdout, stderr):
@@ -361,7 +366,7 @@ def _account(
     run: _Run,
     usage: resource.struct_rusage,
     box: cgroups.BoxCgroup | None,
-    mechanisms: dict[str, str],
+    applied: dict[str, AppliedLimit],
     stdout: Sink | int,
     stderr: Sink | int,
 ) -> Report:
@@ -411,7 +416,7 @@ def _account(
         profile=spec.profile.name,
         profile_hash=spec.profile.content_hash,
         cgroup=cg_name,
-        limits=_applied_limits(spec.limits, cg_name, mechanisms),
+        limits=_applied_limits(spec.limits, box, applied),
         stdout_bytes=out.count,
         stderr_bytes=err.count,
         stdout_truncated=out.truncated,
@@ -435,47 +440,25 @@ def _tree_memory_peak(spec: Spec, run: _Run) -> int | None:
     return run.tree_usage[2]
 
 
-def _applied_limits(limits: Limits, cg: str, rl: dict[str, str]) -> dict[str, AppliedLimit]:
-    cg_mech = {
-        "cgroup1": (
-            "cgroup1 memory.limit_in_bytes+memsw",
-            "cgroup1 pids.max",
-            "cgroup1 cpuacct.usage",
-            "cgroup1 cpu.cfs_quota_us",
-            "cgroup1 cpuset.cpus",
-        ),
-        "cgroup2": (
-            "cgroup2 memory.max (swap 0)",
-            "cgroup2 pids.max",
-            "cgroup2 cpu.stat",
-            "cgroup2 cpu.max",
-            "cgroup2 cpuset.cpus",
-        ),
-        "none": (
-            treelimits.MEMORY_MECHANISM if "memory" in rl else "none",
-            rl.get("pids", "none"),
-            treelimits.CPU_MECHANISM,
-            "none",
-            "none",
-        ),
-    }[cg]
-    mech = {
-        "wall_time": "supervisor deadline",
-        "cpu_time": cg_mech[2] if cg == "none" else f"supervisor deadline on {cg_mech[2]}",
-        "extra_time": "added to the kill deadlines; over the limit is still over",
-        "memory": cg_mech[0],
-        "pids": cg_mech[1],
-        "cpu_quota": cg_mech[3],
-        "cpus": cg_mech[4],
-        "fsize": rl.get("fsize", "none"),
-        "open_files": rl.get("open_files", "none"),
-        "stack": rl.get("stack", "none"),
-        "output": "supervisor pipe count",
-        "tmp_size": "tmpfs size",
-        "work_size": "tmpfs size",
-    }
-    out = {name: AppliedLimit(getattr(limits, name), how) for name, how in mech.items()}
-    out["core"] = AppliedLimit(0, "RLIMIT_CORE")
+def _applied_limits(
+    limits: Limits, box: cgroups.BoxCgroup | None, applied: dict[str, AppliedLimit]
+) -> dict[str, AppliedLimit]:
+    """Every limit as the run had it: what the supervisor itself enforces, then what each
+    backend reports it set (rlimits, the box init, the root's mounts, the cgroup); a limit
+    nobody enforced shows ``none``."""
+    out = {name: AppliedLimit(getattr(limits, name), "none") for name in LIMITS}
+    out["wall_time"] = AppliedLimit(limits.wall_time, "supervisor deadline")
+    out["extra_time"] = AppliedLimit(
+        limits.extra_time, "added to the kill deadlines; over the limit is still over"
+    )
+    if limits.output is not None:
+        out["output"] = AppliedLimit(limits.output, "supervisor pipe count")
+    out |= applied
+    if box is not None:
+        if limits.cpu_time is not None:
+            how = f"supervisor deadline on {box.cpu_source}"
+            out["cpu_time"] = AppliedLimit(limits.cpu_time, how)
+        out |= box.applied
     return out
 
 
@@ -573,16 +556,16 @@ class _Supervisor:
             timeout = run.started + SETUP_TIMEOUT - now
             if timeout <= 0:
                 run.setup_error = f"box setup took longer than {SETUP_TIMEOUT:.0f}s"
-                self._kill("setup")
+                self._kill(StopReason.SETUP)
             return max(timeout, MIN_WAIT)
         timeout = run.exec_at + limits.wall_time + limits.extra_time - now
         if timeout <= 0:
-            self._kill("wall_time")
+            self._kill(StopReason.WALL_TIME)
             return 0.05
         if limits.cpu_time is not None and self.box is not None:
             remaining = limits.cpu_time + limits.extra_time - self._cpu_used()
             if remaining <= 0:
-                self._kill("cpu_time")
+                self._kill(StopReason.CPU_TIME)
                 return 0.05
             # The box cannot burn CPU faster than on all its CPUs at once: check again when
             # the budget could be spent at the earliest.
@@ -628,12 +611,12 @@ class _Supervisor:
         except OSError:
             why = b""
         if why == b"p":
-            self._kill("peer_exited")
+            self._kill(StopReason.PEER_EXITED)
         else:
             self.run_state.setup_error = "the run was cancelled: its caller went away"
-            self._kill("cancelled")
+            self._kill(StopReason.CANCELLED)
 
-    def _kill(self, reason: str) -> None:
+    def _kill(self, reason: StopReason) -> None:
         run = self.run_state
         if run.killed_for is None:
             run.killed_for = reason
@@ -654,7 +637,7 @@ class _Supervisor:
             # Kill before the listener is closed: closing it would let the blocked syscall
             # return ENOSYS and the program carry on (seccomp_unotify(2)).
             self.run_state.forbidden = name
-            self._kill("forbidden_syscall")
+            self._kill(StopReason.FORBIDDEN_SYSCALL)
 
     def _receive(self) -> None:
         try:
@@ -697,10 +680,10 @@ class _Supervisor:
                 int(f["memory_peak"]),
             )
             limit = str(f["limit"])
-            if limit in ("cpu_time", "memory") and run.killed_for is None:
+            if limit in (StopReason.CPU_TIME, StopReason.MEMORY) and run.killed_for is None:
                 # Init has killed the tree already; the box ends with it as it ends for ours.
-                run.killed_for, run.killed_at = limit, int(f["at"]) / 1e9
-                self._kill(limit)
+                run.killed_for, run.killed_at = StopReason(limit), int(f["at"]) / 1e9
+                self._kill(run.killed_for)
         elif msg.kind == protocol.EXITED:
             run.status = int(f["status"])
             run.exited_at = int(f["at"]) / 1e9
@@ -748,7 +731,7 @@ class _Supervisor:
             stream.truncated = True
             stream.count += len(data)
             if enforce:
-                self._kill("output")
+                self._kill(StopReason.OUTPUT)
             return
         stream.sink.write(data)
         stream.count += len(data)

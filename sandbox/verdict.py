@@ -6,18 +6,17 @@ import os
 import signal
 from typing import NamedTuple
 
-from .report import Verdict, exec_failure_exit_code
-from .spec import Limits
+from .limits import LIMITS, Limits
+from .report import StopReason, Verdict, exec_failure_exit_code
 
-#: Limits the supervisor enforces by killing the box, and the verdict each one gives.
-KILL_VERDICTS = {
-    "wall_time": Verdict.WALL_TIME_LIMIT,
-    "cpu_time": Verdict.CPU_TIME_LIMIT,
-    "output": Verdict.OUTPUT_LIMIT,
-    "memory": Verdict.MEMORY_LIMIT,  # without cgroups, by the box init (box/treelimits.py)
-    "forbidden_syscall": Verdict.FORBIDDEN_SYSCALL,
+#: Why the supervisor killed a box, and the verdict that gives: each limit's own from the
+#: registry (memory is killed for by the box init without a cgroup, box/treelimits.py), then
+#: the reasons that are not limits.
+KILL_VERDICTS: dict[StopReason, Verdict] = {
+    **{e.reason: e.verdict for e in LIMITS.values() if e.reason is not None and e.verdict},
+    StopReason.FORBIDDEN_SYSCALL: Verdict.FORBIDDEN_SYSCALL,
     # In a group: still running a grace period after a peer ended (waiting for it, or hung).
-    "peer_exited": Verdict.WALL_TIME_LIMIT,
+    StopReason.PEER_EXITED: Verdict.WALL_TIME_LIMIT,
 }
 
 
@@ -30,7 +29,7 @@ class Observed(NamedTuple):
     status: int | None  # the program's wait status, as its init reported it
     setup_error: str | None
     exec_errno: int | None
-    killed_for: str | None  # the first limit the supervisor killed the box for
+    killed_for: StopReason | None  # why the supervisor killed the box, first
     started: bool  # the program's execve was reached
     cpu_time: float
     wall_time: float
@@ -44,7 +43,7 @@ class Decision(NamedTuple):
     verdict: Verdict
     exit_code: int | None
     signal: int | None
-    limit_fired: str | None
+    limit_fired: StopReason | None
     error: str | None
 
 
@@ -52,7 +51,9 @@ def decide(o: Observed) -> Decision:
     """Apply the documented order (docs/report.md): setup failure, exec failure, the first limit
     the supervisor enforced, a limit exceeded within its grace time, the kernel's OOM kill,
     SIGSYS and SIGXCPU, another signal, the exit code."""
-    if o.killed_for in ("cancelled", "setup") or (o.setup_error is not None and not o.started):
+    if o.killed_for in (StopReason.CANCELLED, StopReason.SETUP) or (
+        o.setup_error is not None and not o.started
+    ):
         return Decision(Verdict.SANDBOX_ERROR, None, None, o.killed_for, o.setup_error)
     if o.exec_errno is not None:
         return Decision(
@@ -62,8 +63,9 @@ def decide(o: Observed) -> Decision:
             None,
             f"cannot execute {o.argv0!r}: {os.strerror(o.exec_errno)}",
         )
-    if o.killed_for in KILL_VERDICTS:
-        killed_by = signal.SIGSYS if o.killed_for == "forbidden_syscall" else signal.SIGKILL
+    if o.killed_for is not None and o.killed_for in KILL_VERDICTS:
+        by_seccomp = o.killed_for is StopReason.FORBIDDEN_SYSCALL
+        killed_by = signal.SIGSYS if by_seccomp else signal.SIGKILL
         return Decision(KILL_VERDICTS[o.killed_for], None, int(killed_by), o.killed_for, None)
     if o.status is None:
         return Decision(
@@ -77,15 +79,15 @@ def decide(o: Observed) -> Decision:
     sig: int | None = os.WTERMSIG(o.status) if os.WIFSIGNALED(o.status) else None
     # Within the grace time (extra_time) a program may still finish, but over its limit.
     if o.limits.cpu_time is not None and o.cpu_time > o.limits.cpu_time:
-        return Decision(Verdict.CPU_TIME_LIMIT, exit_code, sig, "cpu_time", None)
+        return Decision(Verdict.CPU_TIME_LIMIT, exit_code, sig, StopReason.CPU_TIME, None)
     if o.wall_time > o.limits.wall_time:
-        return Decision(Verdict.WALL_TIME_LIMIT, exit_code, sig, "wall_time", None)
+        return Decision(Verdict.WALL_TIME_LIMIT, exit_code, sig, StopReason.WALL_TIME, None)
     if o.oom_killed and (sig == signal.SIGKILL or exit_code not in (None, 0)):
-        return Decision(Verdict.MEMORY_LIMIT, exit_code, sig, "memory", None)
+        return Decision(Verdict.MEMORY_LIMIT, exit_code, sig, StopReason.MEMORY, None)
     if sig == signal.SIGSYS:
-        return Decision(Verdict.FORBIDDEN_SYSCALL, None, sig, "forbidden_syscall", None)
+        return Decision(Verdict.FORBIDDEN_SYSCALL, None, sig, StopReason.FORBIDDEN_SYSCALL, None)
     if sig == signal.SIGXCPU:
-        return Decision(Verdict.CPU_TIME_LIMIT, None, sig, "cpu_time", None)
+        return Decision(Verdict.CPU_TIME_LIMIT, None, sig, StopReason.CPU_TIME, None)
     if sig is not None:
         return Decision(Verdict.SIGNALED, None, sig, None, None)
     verdict = Verdict.OK if exit_code == 0 else Verdict.RUNTIME_ERROR

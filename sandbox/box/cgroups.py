@@ -19,7 +19,8 @@ from typing import NamedTuple, Protocol
 
 from ..errors import HostError
 from ..kernel import CLONE_NEWCGROUP, KernelOps
-from ..spec import Limits
+from ..limits import Limits
+from ..report import AppliedLimit
 from ..units import format_cpu_list, parse_cpu_list
 from .plan import ChildPlan
 
@@ -42,9 +43,13 @@ class CpuUsage(NamedTuple):
 
 
 class BoxCgroup(Protocol):
-    """The cgroup(s) of one box."""
+    """The cgroup(s) of one box: ``applied`` holds each limit its backend set, recorded by the
+    same call that wrote it (:func:`_set`); ``cpu_source`` names where its CPU figure comes
+    from."""
 
     backend: str
+    cpu_source: str
+    applied: dict[str, AppliedLimit]
 
     def open_entry(self) -> tuple[int, ...]: ...
     def cpu_usage(self) -> CpuUsage: ...
@@ -69,6 +74,15 @@ def _write(path: Path, value: str) -> None:
         os.write(fd, value.encode())
     finally:
         os.close(fd)
+
+
+def _set(
+    applied: dict[str, AppliedLimit], name: str, value: object, path: Path, text: str, how: str
+) -> None:
+    """Write ``text`` to the control file ``path`` and record limit ``name`` as applied by
+    ``how``: the report names only what a write enforced."""
+    _write(path, text)
+    applied[name] = AppliedLimit(value, how)  # type: ignore[arg-type]
 
 
 def _read(path: Path) -> str:
@@ -155,9 +169,11 @@ class V2Box:
     """A box cgroup on the unified hierarchy."""
 
     backend = "cgroup2"
+    cpu_source = "cgroup2 cpu.stat"
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.applied: dict[str, AppliedLimit] = {}
 
     def open_entry(self) -> tuple[int, ...]:
         return (os.open(self.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC),)
@@ -250,21 +266,36 @@ class CgroupV2:
         path = self.parent / _box_name()
         path.mkdir()
         box = V2Box(path)
+        applied = box.applied
         try:
             if limits.memory is not None:
-                _write(path / "memory.max", str(limits.memory))
+                how = "cgroup2 memory.max"
                 if (path / "memory.swap.max").exists():
                     _write(path / "memory.swap.max", "0")
+                    how += " (swap 0)"
                 _write(path / "memory.oom.group", "1")
+                _set(applied, "memory", limits.memory, path / "memory.max", str(limits.memory), how)
             if limits.pids is not None:
-                _write(path / "pids.max", str(limits.pids))
+                pids = limits.pids
+                _set(applied, "pids", pids, path / "pids.max", str(pids), "cgroup2 pids.max")
             if limits.cpu_quota is not None:
-                _write(path / "cpu.max", f"{_quota_us(limits.cpu_quota)} {CPU_PERIOD_US}")
+                text = f"{_quota_us(limits.cpu_quota)} {CPU_PERIOD_US}"
+                _set(
+                    applied,
+                    "cpu_quota",
+                    limits.cpu_quota,
+                    path / "cpu.max",
+                    text,
+                    "cgroup2 cpu.max",
+                )
             if limits.cpus is not None:
                 if not (path / "cpuset.cpus").exists():
                     raise HostError("the cgroup v2 cpuset controller is not delegated here")
                 _check_cpus(limits.cpus, self.parent / "cpuset.cpus.effective")
-                _write(path / "cpuset.cpus", format_cpu_list(limits.cpus))
+                text = format_cpu_list(limits.cpus)
+                _set(
+                    applied, "cpus", limits.cpus, path / "cpuset.cpus", text, "cgroup2 cpuset.cpus"
+                )
         except BaseException:
             box.destroy()
             raise
@@ -275,9 +306,11 @@ class V1Box:
     """A box's cgroups on the v1 hierarchies (one directory per controller)."""
 
     backend = "cgroup1"
+    cpu_source = "cgroup1 cpuacct.usage"
 
     def __init__(self, paths: dict[str, Path]) -> None:
         self.paths = paths
+        self.applied: dict[str, AppliedLimit] = {}
 
     def open_entry(self) -> tuple[int, ...]:
         # A single thread writing "0" to ``tasks`` moves itself without the global threadgroup
@@ -414,31 +447,40 @@ class CgroupV1:
             _check_cpus(limits.cpus, parents["cpuset"] / "cpuset.effective_cpus")
         paths = {c: p / name for c, p in parents.items()}
         created: dict[str, Path] = {}
+        box = V1Box(paths)
+        applied = box.applied
         try:
             for ctl, path in paths.items():
                 path.mkdir()
                 created[ctl] = path
             memory = paths["memory"]
             if limits.memory is not None:
-                _write(memory / "memory.limit_in_bytes", str(limits.memory))
+                text, how = str(limits.memory), "cgroup1 memory.limit_in_bytes"
+                _set(applied, "memory", limits.memory, memory / "memory.limit_in_bytes", text, how)
                 # memsw bounds memory+swap, so swapping cannot hide usage (cgroup-v1/memory.rst).
-                if (memory / "memory.memsw.limit_in_bytes").exists():
-                    _write(memory / "memory.memsw.limit_in_bytes", str(limits.memory))
+                memsw = memory / "memory.memsw.limit_in_bytes"
+                if memsw.exists():
+                    _set(applied, "memory", limits.memory, memsw, text, how + "+memsw")
             if limits.pids is not None:
-                _write(paths["pids"] / "pids.max", str(limits.pids))
+                pids = paths["pids"] / "pids.max"
+                _set(applied, "pids", limits.pids, pids, str(limits.pids), "cgroup1 pids.max")
             if limits.cpu_quota is not None:
-                _write(paths["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-                _write(paths["cpu"] / "cpu.cfs_quota_us", str(_quota_us(limits.cpu_quota)))
+                cpu = paths["cpu"]
+                _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+                quota = str(_quota_us(limits.cpu_quota))
+                how = "cgroup1 cpu.cfs_quota_us"
+                _set(applied, "cpu_quota", limits.cpu_quota, cpu / "cpu.cfs_quota_us", quota, how)
             if limits.cpus is not None:
                 cpuset = paths["cpuset"]
                 _write(cpuset / "cpuset.mems", _read(cpuset.parent / "cpuset.mems").strip())
-                _write(cpuset / "cpuset.cpus", format_cpu_list(limits.cpus))
+                text, how = format_cpu_list(limits.cpus), "cgroup1 cpuset.cpus"
+                _set(applied, "cpus", limits.cpus, cpuset / "cpuset.cpus", text, how)
         except BaseException:
             for path in created.values():
                 with contextlib.suppress(OSError):
                     path.rmdir()
             raise
-        return V1Box(paths)
+        return box
 
 
 def _quota_us(cpus: float) -> int:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..hostpath import CheckedPath, PathRefused, check_source
 from ..kernel import KernelOps
+from ..report import AppliedLimit
 from ..spec import NetworkMode
 
 if TYPE_CHECKING:  # an annotation only
@@ -58,6 +59,17 @@ class RootPlan:
     cwd: str | None = None  # where the program starts; the work dir if None
     root_size: int | None = None  # writable root of this size; read-only if None
     build_dir: HostDir | None = None  # a build step's host dir holding upper/ and work/
+
+    def applied(self) -> dict[str, AppliedLimit]:
+        """The size limits this root's tmpfs mounts carry (``child_mount_root`` mounts them
+        with these sizes), as the report shows them."""
+        out = {
+            "tmp_size": AppliedLimit(self.tmp_size, "tmpfs size"),
+            "work_size": AppliedLimit(self.work_size, "tmpfs size"),
+        }
+        if self.root_size is not None:
+            out["root_size"] = AppliedLimit(self.root_size, "tmpfs size (writable root)")
+        return out
 
     def still_current(self) -> bool:
         """Whether every host path of the root still names the inode that was checked (a box

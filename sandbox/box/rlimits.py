@@ -8,31 +8,29 @@ import math
 import resource
 
 from ..kernel import KernelOps
-from ..spec import Limits
+from ..limits import LIMITS, Limits
+from ..report import AppliedLimit
 from . import treelimits
 from .plan import ChildPlan
 
 
-def table(limits: Limits, fallback: bool) -> tuple[tuple[tuple[int, int], ...], dict[str, str]]:
-    """The rlimit table for the program and the mechanism of each limit it enforces."""
+def table(
+    limits: Limits, fallback: bool
+) -> tuple[tuple[tuple[int, int], ...], dict[str, AppliedLimit]]:
+    """The rlimit table for the program, and each limit it enforces as applied: the registry
+    names each limit's rlimit, and its ``fallback_rlimit`` without a cgroup."""
     table: list[tuple[int, int]] = [(resource.RLIMIT_CORE, 0)]
-    mechanisms: dict[str, str] = {}
-    by_rlimit: tuple[tuple[str, int], ...] = (
-        ("fsize", resource.RLIMIT_FSIZE),
-        ("open_files", resource.RLIMIT_NOFILE),
-        ("stack", resource.RLIMIT_STACK),
-    )
-    if fallback:
-        by_rlimit += (("memory", resource.RLIMIT_AS), ("pids", resource.RLIMIT_NPROC))
-    for name, which in by_rlimit:
+    applied = {"core": AppliedLimit(0, "RLIMIT_CORE")}
+    for name, entry in LIMITS.items():
+        rlimit = entry.rlimit or (entry.fallback_rlimit if fallback else None)
         value = getattr(limits, name)
-        if value is not None:
-            table.append((which, int(value)))
-            mechanisms[name] = f"RLIMIT_{resource_name(which)}"
+        if rlimit is not None and value is not None:
+            table.append((getattr(resource, f"RLIMIT_{rlimit}"), int(value)))
+            applied[name] = AppliedLimit(value, f"RLIMIT_{rlimit}")
     if limits.cpu_time is not None:
         # Whole seconds only: a per-process backstop for the cgroup's or the box init's figure.
         table.append((resource.RLIMIT_CPU, math.ceil(limits.cpu_time + limits.extra_time + 1)))
-    return tuple(table), mechanisms
+    return tuple(table), applied
 
 
 def tree_limits(limits: Limits, fallback: bool) -> treelimits.TreeLimits | None:

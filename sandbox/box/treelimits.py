@@ -31,6 +31,8 @@ import time
 from typing import NamedTuple
 
 from ..kernel import KernelOps
+from ..limits import Limits
+from ..report import AppliedLimit, StopReason
 
 #: How the report names the mechanisms (docs/profiles.md, "Without cgroups").
 CPU_MECHANISM = "box init sampling /proc (CPU of every process); RLIMIT_CPU per process"
@@ -55,6 +57,16 @@ class TreeLimits(NamedTuple):
 
     cpu_time: float | None
     memory: int | None
+
+
+def applied(tree: TreeLimits, limits: Limits) -> dict[str, AppliedLimit]:
+    """The limits ``tree`` makes init enforce, as the report shows them."""
+    out = {}
+    if tree.cpu_time is not None:
+        out["cpu_time"] = AppliedLimit(limits.cpu_time, CPU_MECHANISM)
+    if tree.memory is not None:
+        out["memory"] = AppliedLimit(tree.memory, MEMORY_MECHANISM)
+    return out
 
 
 class Sample(NamedTuple):
@@ -147,7 +159,7 @@ class TreeWatch:
         self.limits, self.k = limits, k
         # Any CPU of the host may run a box process at once (it may change its own affinity).
         self.cpus = os.cpu_count() or 1
-        self.fired: str | None = None
+        self.fired: StopReason | None = None
         self.last = Sample(0.0, 0.0, 0)
         self.memory_peak = 0
         self.sampled_at = time.monotonic_ns()
@@ -157,7 +169,7 @@ class TreeWatch:
         # default action is to ignore it; signal(7)). The program's process resets its mask.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
 
-    def step(self) -> tuple[str | None, tuple[int, int, resource.struct_rusage] | None]:
+    def step(self) -> tuple[StopReason | None, tuple[int, int, resource.struct_rusage] | None]:
         """(limit that fired in this step, reaped child): either may be None."""
         reaped = self._reap()
         fired = None
@@ -167,16 +179,16 @@ class TreeWatch:
             signal.sigtimedwait({signal.SIGCHLD}, max(self.due - time.monotonic(), 0.0))
         return fired, reaped
 
-    def check(self) -> str | None:
+    def check(self) -> StopReason | None:
         """Sample now; kill the box when a limit is passed. Returns the limit that fired."""
         now = self.sample()
         if self.fired is not None:  # killed already: anything left is killed again
             self._kill_all()
             return None
         if self.limits.cpu_time is not None and now.user + now.system >= self.limits.cpu_time:
-            self.fired = "cpu_time"
+            self.fired = StopReason.CPU_TIME
         elif self.limits.memory is not None and now.memory > self.limits.memory:
-            self.fired = "memory"
+            self.fired = StopReason.MEMORY
         if self.fired is not None:
             self._kill_all()
         return self.fired

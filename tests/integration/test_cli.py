@@ -237,9 +237,10 @@ LIMIT_FLAGS = [
 
 
 def test_the_flag_table_covers_every_limit():
-    from sandbox.spec import LIMIT_NAMES
+    from sandbox.limits import LIMITS
 
-    assert {name for _, _, name, _ in LIMIT_FLAGS} | {"root_size"} == set(LIMIT_NAMES)
+    assert {name for _, _, name, _ in LIMIT_FLAGS} | {"root_size"} == set(LIMITS)
+    assert {flag for flag, *_ in LIMIT_FLAGS} | {"--root-size"} == {e.flag for e in LIMITS.values()}
 
 
 @pytest.mark.parametrize(("flag", "value", "name", "expected"), LIMIT_FLAGS,

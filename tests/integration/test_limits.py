@@ -3,6 +3,8 @@
 import json
 import subprocess
 
+import pytest
+
 import sandbox
 from sandbox import Verdict
 from tests.conftest import SANDBOX
@@ -89,3 +91,43 @@ def test_report_names_the_mechanism_of_every_limit():
     assert report.limits["wall_time"].mechanism == "supervisor deadline"
     assert report.limits["memory"].mechanism.startswith(report.cgroup)
     assert report.setup_time > 0 and report.profile_hash.startswith("sha256:")
+
+
+def test_a_cgroup_backend_reports_only_what_its_control_files_hold():
+    """Each limit a backend says it applied is in the control file its mechanism names, and it
+    applies exactly the limits the registry gives the cgroup (remove a write: this goes red)."""
+    from sandbox.box import cgroups
+    from sandbox.limits import LIMITS, Enforcer, Limits
+    from sandbox.units import format_cpu_list
+
+    backend = cgroups.backend()
+    if isinstance(backend, Exception):
+        pytest.skip(f"no usable cgroup here: {backend}")
+    limits = Limits(memory=64 << 20, pids=7, cpu_quota=0.5, cpus=(0,))
+    box = backend.create(limits)
+    try:
+        assert set(box.applied) == {n for n, e in LIMITS.items() if Enforcer.CGROUP in e.enforcers}
+        for name, applied in box.applied.items():
+            version, _, files = applied.mechanism.partition(" ")
+            assert version == box.backend
+            control = files.split(" ")[0].split("+")[0]
+            if isinstance(box, cgroups.V1Box):
+                path = box.paths[control.split(".")[0]] / control
+            else:
+                path = box.path / control
+            text = path.read_text().split()[0]
+            expected = {
+                "cpu_quota": str(int(0.5 * cgroups.CPU_PERIOD_US)),
+                "cpus": format_cpu_list((0,)),
+            }.get(name, str(applied.value))
+            assert text == expected, (name, applied)
+    finally:
+        box.destroy()
+
+
+def test_a_limit_nobody_enforces_is_reported_as_none(tmp_path):
+    report = sandbox.run(["true"], cpu_quota=None)
+    assert report.limits["cpu_quota"].value is None
+    assert report.limits["cpu_quota"].mechanism == "none"
+    assert report.limits["root_size"].mechanism == "none"
+    assert report.limits["pids"].mechanism == f"{report.cgroup} pids.max"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.spec import Limits
+from sandbox.limits import Limits
 from tests.conftest import ROOT
 
 NOBODY = 65534

@@ -53,6 +53,6 @@ def test_format_duration(seconds, text):
     ("cpu_time", None, "none"),
 ])
 def test_limits_are_shown_with_their_units(name, value, text):
-    from sandbox.request import format_limit
+    from sandbox.limits import LIMITS
 
-    assert format_limit(name, value) == text
+    assert LIMITS[name].format(value) == text
