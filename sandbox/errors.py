@@ -12,7 +12,8 @@ class              raised when                                                  
 ``ConfigError``    a profile, policy or request is invalid (names file and key)   125
 ``HostError``      this host cannot give a guarantee the profile demands          125
 ``ImageError``     an image, layer, build file or registry answer is missing or   125
-                   refused (bad reference, digest mismatch, hostile layer, ...)
+                   refused (bad reference, digest mismatch, hostile layer, ...);
+                   ``BuildFileError`` for a build file (names file and line)
 =================  =============================================================  ========
 """
 
@@ -55,3 +56,18 @@ class HostError(SandboxError):
 
 class ImageError(SandboxError):
     """An image cannot be used: missing, malformed, refused as hostile, or unreachable."""
+
+
+class BuildFileError(ImageError):
+    """A build file is invalid: as a ConfigError names file and key, this names the file and
+    the line (None: the file as a whole)."""
+
+    def __init__(self, source: str, line: int | None, problem: str, *, hint: str | None = None):
+        where = f"{source}:{line}" if line else source
+        super().__init__(f"{where}: {problem}", hint=hint)
+        self.source = source
+        self.line = line
+        self.problem = problem
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.source, self.line, self.problem), {"hint": self.hint})

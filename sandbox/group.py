@@ -38,10 +38,10 @@ from typing import Any
 
 from .errors import ConfigError, SandboxError
 from .kernel import Kernel
-from .profiles import read_toml
 from .report import Report
 from .request import Request, resolve
 from .spec import Bind, NetworkMode, Spec
+from .tomlreader import Table
 from .units import parse_duration
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
@@ -112,76 +112,52 @@ def _box_dict(report: Report) -> dict[str, Any]:
 
 def load_group(path: str | Path) -> GroupSpec:
     """Read and validate a group file; every error names the file, the box and the key."""
-    source = str(path)
-    raw = read_toml(Path(path))
+    top = Table.read(Path(path), _TOP_KEYS)
     base = Path(path).resolve().parent
-    _known(raw, _TOP_KEYS, source, "")
-    network_raw = raw.get("network", "none")
+    network_raw = top.raw("network", "none")
     if network_raw not in ("none", "linked"):
-        raise ConfigError(source, "network", "expected 'none' or 'linked'")
+        raise top.fail("network", "expected 'none' or 'linked'")
     network = NetworkMode(network_raw)
     try:
-        grace = parse_duration(raw.get("peer_grace", "1s"))
+        grace = parse_duration(top.raw("peer_grace", "1s"))
     except ValueError as e:
-        raise ConfigError(source, "peer_grace", str(e)) from None
-    policy = raw.get("policy")
-    if policy is not None and not isinstance(policy, str):
-        raise ConfigError(source, "policy", "expected a path")
-    boxes_raw = raw.get("box")
-    if not isinstance(boxes_raw, list) or not 1 <= len(boxes_raw) <= MAX_BOXES:
-        raise ConfigError(source, "box", f"expected 1 to {MAX_BOXES} [[box]] tables")
-    names = [b.get("name") if isinstance(b, dict) else None for b in boxes_raw]
-    boxes = []
-    for i, box in enumerate(boxes_raw):
-        boxes.append(_box(box, i, names, source, base, network, policy))
-    group_name = raw.get("name", Path(path).stem)
-    if not isinstance(group_name, str):
-        raise ConfigError(source, "name", "expected a string")
-    return GroupSpec(source, group_name, network, grace, tuple(boxes))
+        raise top.fail("peer_grace", str(e)) from None
+    policy = top.optional_string("policy", "a path")
+    boxes_raw = top.tables("box", None)
+    if "box" not in top or not 1 <= len(boxes_raw) <= MAX_BOXES:
+        raise top.fail("box", f"expected 1 to {MAX_BOXES} [[box]] tables")
+    names = [b.raw("name") for b in boxes_raw]
+    boxes = [_box(box, names, base, network, policy) for box in boxes_raw]
+    group_name = top.string("name", Path(path).stem)
+    return GroupSpec(top.source, group_name, network, grace, tuple(boxes))
 
 
 def _box(
-    box: object,
-    i: int,
-    names: list[object],
-    source: str,
-    base: Path,
-    network: NetworkMode,
-    policy: str | None,
+    first: Table, names: list[object], base: Path, network: NetworkMode, policy: str | None
 ) -> BoxSpec:
-    where = f"box[{i}]"
-    if not isinstance(box, dict):
-        raise ConfigError(source, where, "expected a table")
-    name = box.get("name")
+    name = first.raw("name")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(source, f"{where}.name", "expected a lower-case name (a-z, 0-9, -)")
-    where = f"box {name!r}"
+        raise first.fail("name", "expected a lower-case name (a-z, 0-9, -)")
+    box = Table(first.source, first.data, _BOX_KEYS, f"box {name!r}")
     if names.count(name) > 1:
-        raise ConfigError(source, f"{where}.name", "two boxes have this name")
-    _known(box, _BOX_KEYS, source, where)
-    command = box.get("command")
-    if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
-        raise ConfigError(source, f"{where}.command", "expected a non-empty array of strings")
-    stdin_from = box.get("stdin")
+        raise box.fail("name", "two boxes have this name")
+    command = box.strings("command", "a non-empty array of strings")
+    if not command:
+        raise box.fail("command", "expected a non-empty array of strings")
+    stdin_from = box.raw("stdin")
     if stdin_from is not None and (stdin_from not in names or stdin_from == name):
-        raise ConfigError(source, f"{where}.stdin", "expected the name of another box")
-    binds = []
-    for j, b in enumerate(box.get("bind", [])):
-        key = f"{where}.bind[{j}]"
-        if not isinstance(b, dict):
-            raise ConfigError(source, key, "expected a table")
-        _known(b, _BIND_KEYS, source, key)
-        if not isinstance(b.get("source"), str) or not isinstance(b.get("target"), str):
-            raise ConfigError(source, key, "expected source and target strings")
-        binds.append(Bind(str(base / b["source"]), b["target"], bool(b.get("writable", False))))
-    profile = box.get("profile")
-    if isinstance(profile, str) and ("/" in profile or profile.endswith(".toml")):
+        raise box.fail("stdin", "expected the name of another box")
+    binds = [
+        Bind(str(base / b.string("source")), b.string("target"), b.boolean("writable", False))
+        for b in box.tables("bind", _BIND_KEYS)
+    ]
+    profile = box.optional_string("profile", "a profile name or path")
+    if profile is not None and ("/" in profile or profile.endswith(".toml")):
         profile = str(base / profile)
-    attributes = {k: box[k] for k in ("purpose", "language") if isinstance(box.get(k), str)}
-    limits = box.get("limits", {})
-    env = box.get("env", {})
-    if not isinstance(limits, dict) or not isinstance(env, dict):
-        raise ConfigError(source, where, "limits and env must be tables")
+    attributes = {
+        k: v for k in ("purpose", "language") if (v := box.optional_string(k)) is not None
+    }
+    limits, env = dict(box.table("limits", None)), dict(box.table("env", None))
     try:
         spec = resolve(
             Request(
@@ -195,27 +171,15 @@ def _box(
             )
         )
     except ConfigError as e:
-        raise ConfigError(
-            source, f"{where}: {e.source}: {e.key}" if e.key else where, e.problem
-        ) from None
+        where = f"{box.path}: {e.source}: {e.key}" if e.key else box.path
+        raise ConfigError(box.source, where, e.problem) from None
     if (spec.profile.network is NetworkMode.LINKED) != (network is NetworkMode.LINKED):
-        raise ConfigError(
-            source,
-            f"{where}.profile",
+        raise box.fail(
+            "profile",
             "a linked group needs profiles with network = 'linked' (e.g. "
             'profile = "linked"), and only a linked group may use them',
         )
     return BoxSpec(name, replace(spec, hostname=name), stdin_from)
-
-
-def _known(table: dict[str, Any], allowed: set[str], source: str, where: str) -> None:
-    for key in table:
-        if key not in allowed:
-            raise ConfigError(
-                source,
-                f"{where}.{key}" if where else key,
-                "unknown key (expected one of " + ", ".join(sorted(allowed)) + ")",
-            )
 
 
 def run_group(group: GroupSpec) -> GroupReport:

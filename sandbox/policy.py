@@ -11,12 +11,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .errors import ConfigError
 from .limits import LIMITS, Order, parse_limits
-from .profiles import find_named, read_toml
+from .profiles import find_named
 from .spec import NetworkMode
+from .tomlreader import Table
 
 ATTRIBUTES = ("purpose", "language", "tenant")
 _TOP_KEYS = {"description", "default_profile", "rule", "ceilings", "allow"}
@@ -89,81 +89,38 @@ def load_policy(path: str | Path) -> Policy:
     """Read and validate one policy file, given by path or by name (see :func:`find_policy`)."""
     found = find_policy(path)
     source = str(found)
-    raw = read_toml(found)
-    _known(raw, _TOP_KEYS, source, "")
-    default = raw.get("default_profile")
-    if default is not None and not isinstance(default, str):
-        raise ConfigError(source, "default_profile", "expected a profile name")
+    top = Table.read(found, _TOP_KEYS)
+    default = top.optional_string("default_profile", "a profile name")
     rules = []
-    raw_rules = raw.get("rule", [])
-    if not isinstance(raw_rules, list):
-        raise ConfigError(source, "rule", "expected an array of [[rule]] tables")
-    for i, r in enumerate(raw_rules):
-        key = f"rule[{i}]"
-        if not isinstance(r, dict):
-            raise ConfigError(source, key, "expected a table")
-        _known(r, _RULE_KEYS, source, key)
-        profile = r.get("profile")
-        if not isinstance(profile, str):
-            raise ConfigError(source, f"{key}.profile", "expected a profile name")
+    for r in top.tables("rule", _RULE_KEYS):
+        profile = r.string("profile", expected="a profile name")
         match = []
         for attribute in ATTRIBUTES:
             if attribute in r:
-                value = r[attribute]
+                value = r.raw(attribute)
                 values = value if isinstance(value, list) else [value]
                 if not values or not all(isinstance(v, str) and _VALUE.match(v) for v in values):
-                    raise ConfigError(
-                        source,
-                        f"{key}.{attribute}",
-                        "expected a name or a non-empty array of names",
-                    )
+                    raise r.fail(attribute, "expected a name or a non-empty array of names")
                 match.append((attribute, tuple(values)))
-        name = r.get("name", key)
-        if not isinstance(name, str):
-            raise ConfigError(source, f"{key}.name", "expected a string")
+        name = r.string("name", r.path)
         rules.append(Rule(name, profile, tuple(match)))
-    ceilings_raw = raw.get("ceilings", {})
-    if not isinstance(ceilings_raw, dict):
-        raise ConfigError(source, "ceilings", "expected a table")
-    ceilings = parse_limits(ceilings_raw, lambda k, p: ConfigError(source, f"ceilings.{k}", p))
+    ceilings_table = top.table("ceilings", None)
+    ceilings = parse_limits(dict(ceilings_table), ceilings_table.fail)
     for name in ceilings:
         if LIMITS[name].order is Order.UNORDERED:
-            raise ConfigError(source, f"ceilings.{name}", "this limit has no order, so no ceiling")
-    allow = raw.get("allow", {})
-    if not isinstance(allow, dict):
-        raise ConfigError(source, "allow", "expected a table")
-    _known(allow, _ALLOW_KEYS, source, "allow")
-    networks_raw = allow.get("networks", ["none"])
+            raise ceilings_table.fail(name, "this limit has no order, so no ceiling")
+    allow = top.table("allow", _ALLOW_KEYS)
     try:
-        networks = tuple(NetworkMode(n) for n in networks_raw)
+        networks = tuple(NetworkMode(n) for n in allow.raw("networks", ["none"]))
     except (ValueError, TypeError):
-        raise ConfigError(
-            source, "allow.networks", "expected an array of 'none', 'loopback'"
-        ) from None
-    flags = {}
-    for key, default_value in (("binds", True), ("writable_binds", False)):
-        flags[key] = allow.get(key, default_value)
-        if not isinstance(flags[key], bool):
-            raise ConfigError(source, f"allow.{key}", "expected true or false")
-    description = raw.get("description", "")
-    if not isinstance(description, str):
-        raise ConfigError(source, "description", "expected a string")
+        raise allow.fail("networks", "expected an array of 'none', 'loopback'") from None
     return Policy(
         source,
-        description,
+        top.string("description", ""),
         default,
         tuple(rules),
         tuple(sorted(ceilings.items())),
         networks,
-        flags["binds"],
-        flags["writable_binds"],
+        allow.boolean("binds", True),
+        allow.boolean("writable_binds", False),
     )
-
-
-def _known(table: dict[str, Any], allowed: set[str], source: str, prefix: str) -> None:
-    for key in table:
-        if key not in allowed:
-            where = f"{prefix}.{key}" if prefix else key
-            raise ConfigError(
-                source, where, "unknown key (expected one of " + ", ".join(sorted(allowed)) + ")"
-            )

@@ -13,10 +13,8 @@ import json
 import os
 import re
 import socket
-import stat
-import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from . import syscall_groups
 from .errors import ConfigError
@@ -31,9 +29,7 @@ from .spec import (
     SeccompPolicy,
     SeccompRule,
 )
-
-_T = TypeVar("_T")
-_E = TypeVar("_E", NetworkMode, SeccompAction, Fallback)
+from .tomlreader import REQUIRED, Table, read_toml
 
 # Package data (sandbox/data/profiles links to the repository's profiles/): the same path in a
 # checkout, an editable install and an installed wheel.
@@ -104,23 +100,6 @@ def list_profiles() -> list[str]:
     return sorted({p.stem for d in search_path() if d.is_dir() for p in d.glob("*.toml")})
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    """Parse one TOML file, turning every failure into a ConfigError that names it."""
-    try:
-        # O_NONBLOCK: a FIFO put where a file was named must not block the open.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ConfigError(str(path), None, "not a regular file")
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(str(path), None, f"not valid TOML: {e}") from None
-    except UnicodeDecodeError as e:  # TOML is UTF-8 (found by fuzzing)
-        raise ConfigError(str(path), None, f"not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise ConfigError(str(path), None, f"cannot read: {e.strerror}") from None
-
-
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
@@ -167,228 +146,179 @@ class _Validator:
         self.source = source
         self.raw = raw
 
-    def fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(self.source, key, problem)
-
-    def table(self, value: object, key: str, allowed: set[str]) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(key, "expected a table")
-        for k in value:
-            if k not in allowed:
-                prefix = f"{key}." if key else ""
-                raise self.fail(
-                    f"{prefix}{k}",
-                    "unknown key (expected one of " + ", ".join(sorted(allowed)) + ")",
-                )
-        return value
-
-    def typed(self, table: dict[str, Any], key: str, kind: type[_T], default: _T, path: str) -> _T:
-        value = table.get(key, default)
-        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
-            raise self.fail(path, f"expected {kind.__name__}, got {value!r}")
-        return value
-
     def profile(self, name: str, digest: str) -> Profile:
-        top = self.table(self.raw, "", _TOP_KEYS)
-        box = self.table(top.get("box", {}), "box", _BOX_KEYS)
-        hostname = self.typed(box, "hostname", str, "box", "box.hostname")
+        top = Table(self.source, self.raw, _TOP_KEYS)
+        box = top.table("box", _BOX_KEYS)
+        hostname = box.string("hostname", "box")
         if not _HOSTNAME.match(hostname):
-            raise self.fail("box.hostname", "expected a lower-case host name")
-        network = self.enum(box.get("network", "none"), NetworkMode, "box.network")
-        uid = self.typed(box, "uid", int, 1000, "box.uid")
-        gid = self.typed(box, "gid", int, 1000, "box.gid")
-        for key, value in (("box.uid", uid), ("box.gid", gid)):
+            raise box.fail("hostname", "expected a lower-case host name")
+        network = box.enum("network", NetworkMode, NetworkMode.NONE)
+        uid, gid = box.integer("uid", 1000), box.integer("gid", 1000)
+        for key, value in (("uid", uid), ("gid", gid)):
             if not 1 <= value < 65534:
-                raise self.fail(
+                raise box.fail(
                     key, "expected an id from 1 to 65533 (never 0: the box is not root)"
                 )
-        workdir = self.abspath(
-            self.typed(box, "workdir", str, "/box", "box.workdir"), "box.workdir"
-        )
-        env = self.environment(top.get("env", {}))
-        limits, fallback = self.limits(top.get("limits", {}))
-        binds = tuple(self.bind(b, f"bind[{i}]") for i, b in enumerate(self.array(top, "bind")))
+        workdir = _abspath(box, "workdir", "/box")
+        env = _environment(top.table("env", None))
+        limits, fallback = _limits(top.table("limits", _LIMIT_KEYS))
+        binds = tuple(_bind(b) for b in top.tables("bind", _BIND_KEYS))
         return Profile(
             name=name,
             source=self.source,
             content_hash=digest,
-            description=self.typed(top, "description", str, "", "description"),
+            description=top.string("description", ""),
             hostname=hostname,
             network=network,
             uid=uid,
             gid=gid,
             workdir=workdir,
-            noexec_tmp=self.typed(box, "noexec_tmp", bool, False, "box.noexec_tmp"),
+            noexec_tmp=box.boolean("noexec_tmp", False),
             env=env,
             limits=limits,
             fallback=fallback,
-            seccomp=self.seccomp(top.get("seccomp", {})),
+            seccomp=_seccomp(top),
             binds=binds,
-            image=self.image(top),
+            image=_image(top),
         )
 
-    def image(self, top: dict[str, Any]) -> str | None:
-        if "image" not in top:
-            return None
-        from .errors import ImageError
-        from .image.reference import parse_reference
 
-        text = self.typed(top, "image", str, "", "image")
-        try:
-            parse_reference(text)
-        except ImageError as e:
-            raise self.fail("image", e.message) from None
-        return text
+def _image(top: Table) -> str | None:
+    if "image" not in top:
+        return None
+    from .errors import ImageError
+    from .image.reference import parse_reference
 
-    def enum(self, value: object, kind: type[_E], key: str) -> _E:
-        if isinstance(value, str):
-            for member in kind:
-                if member.value == value:
-                    return member
-        choices = ", ".join(repr(m.value) for m in kind)
-        raise self.fail(key, f"expected one of {choices}, got {value!r}")
+    text = top.string("image")
+    try:
+        parse_reference(text)
+    except ImageError as e:
+        raise top.fail("image", e.message) from None
+    return text
 
-    def abspath(self, value: str, key: str) -> str:
-        if not value.startswith("/") or "\0" in value or ".." in value.split("/"):
-            raise self.fail(key, f"expected an absolute path without '..', got {value!r}")
-        return os.path.normpath(value)
 
-    def array(self, table: dict[str, Any], key: str) -> list[Any]:
-        value = table.get(key, [])
-        if not isinstance(value, list):
-            raise self.fail(key, "expected an array")
-        return value
+def _abspath(table: Table, key: str, default: str = REQUIRED) -> str:
+    value = table.string(key, default)
+    if not value.startswith("/") or "\0" in value or ".." in value.split("/"):
+        raise table.fail(key, f"expected an absolute path without '..', got {value!r}")
+    return os.path.normpath(value)
 
-    def environment(self, value: object) -> tuple[tuple[str, str], ...]:
-        if not isinstance(value, dict):
-            raise self.fail("env", 'expected a table of NAME = "value"')
-        out = []
-        for k, v in value.items():
-            if not _ENV_NAME.match(k) or not isinstance(v, str) or "\0" in v:
-                raise self.fail(f"env.{k}", 'expected NAME = "string value"')
-            out.append((k, v))
-        return tuple(out)
 
-    def limits(self, value: object) -> tuple[Limits, Fallback]:
-        table = self.table(value, "limits", _LIMIT_KEYS)
-        parsed = parse_limits(
-            {k: v for k, v in table.items() if k != "fallback"},
-            lambda key, problem: self.fail(f"limits.{key}", problem),
+def _environment(table: Table) -> tuple[tuple[str, str], ...]:
+    out = []
+    for k, v in table:
+        if not _ENV_NAME.match(k) or not isinstance(v, str) or "\0" in v:
+            raise table.fail(k, 'expected NAME = "string value"')
+        out.append((k, v))
+    return tuple(out)
+
+
+def _limits(table: Table) -> tuple[Limits, Fallback]:
+    parsed = parse_limits(
+        {k: v for k, v in table if k != "fallback"},
+        lambda key, problem: table.fail(key, problem),
+    )
+    if "wall_time" not in parsed:
+        raise table.fail("wall_time", "every profile needs a wall-time limit")
+    fallback = table.enum("fallback", Fallback, Fallback.NONE)
+    return Limits().merged(**parsed), fallback
+
+
+def _bind(table: Table) -> Bind:
+    source = table.string("source")
+    if not source.startswith("/"):
+        raise table.fail("source", "expected an absolute host path")
+    return Bind(source, _abspath(table, "target"), table.boolean("writable", False))
+
+
+def _errno(table: Table, key: str, default: str = REQUIRED) -> int:
+    value = table.raw(key, default)
+    if isinstance(value, str) and isinstance(getattr(errno_mod, value, None), int):
+        number: int = getattr(errno_mod, value)
+        return number
+    raise table.fail(key, f"expected an errno name such as EPERM, got {value!r}")
+
+
+def _seccomp(top: Table) -> SeccompPolicy:
+    if isinstance(top.raw("seccomp"), dict) and "namespace_clone" in top.raw("seccomp"):
+        raise top.fail(
+            "seccomp.namespace_clone",
+            "unknown key",
+            hint="it is now seccomp.unsafe_namespace_clone: every key that drops a "
+            "built-in guard says 'unsafe'",
         )
-        if "wall_time" not in parsed:
-            raise self.fail("limits.wall_time", "every profile needs a wall-time limit")
-        fallback = self.enum(table.get("fallback", "none"), Fallback, "limits.fallback")
-        return Limits().merged(**parsed), fallback
-
-    def bind(self, value: object, key: str) -> Bind:
-        table = self.table(value, key, _BIND_KEYS)
-        source = self.typed(table, "source", str, "", f"{key}.source")
-        if not source.startswith("/"):
-            raise self.fail(f"{key}.source", "expected an absolute host path")
-        target = self.abspath(
-            self.typed(table, "target", str, "", f"{key}.target"), f"{key}.target"
-        )
-        return Bind(source, target, self.typed(table, "writable", bool, False, f"{key}.writable"))
-
-    def errno_value(self, value: object, key: str) -> int:
-        if isinstance(value, str) and isinstance(getattr(errno_mod, value, None), int):
-            number: int = getattr(errno_mod, value)
-            return number
-        raise self.fail(key, f"expected an errno name such as EPERM, got {value!r}")
-
-    def seccomp(self, value: object) -> SeccompPolicy:
-        if isinstance(value, dict) and "namespace_clone" in value:
-            raise ConfigError(
-                self.source,
-                "seccomp.namespace_clone",
-                "unknown key",
-                hint="it is now seccomp.unsafe_namespace_clone: every key that drops a "
-                "built-in guard says 'unsafe'",
+    table = top.table("seccomp", _SECCOMP_KEYS)
+    default = table.enum("default", SeccompAction, SeccompAction.KILL)
+    if default is SeccompAction.ALLOW:
+        raise table.fail("default", "an allowlist cannot default to 'allow'")
+    default_errno = _errno(table, "default_errno", "EPERM")
+    rules = []
+    allow = table.strings("allow", "an array of syscall and @group names")
+    try:
+        rules.append(SeccompRule(syscall_groups.expand(allow), SeccompAction.ALLOW))
+    except KeyError as e:
+        raise table.fail(
+            "allow",
+            f"unknown syscall group {e.args[0]!r}; known: "
+            + ", ".join(sorted(syscall_groups.GROUPS)),
+        ) from None
+    for rule in table.tables("rule", _RULE_KEYS):
+        rules.append(_rule(rule))
+    families = []
+    named = table.array("socket_families") if "socket_families" in table else list(SOCKET_FAMILIES)
+    for fam in named:
+        if fam not in SOCKET_FAMILIES:
+            raise table.fail(
+                "socket_families", f"expected names from {sorted(SOCKET_FAMILIES)}, got {fam!r}"
             )
-        table = self.table(value, "seccomp", _SECCOMP_KEYS)
-        default = self.enum(table.get("default", "kill"), SeccompAction, "seccomp.default")
-        if default is SeccompAction.ALLOW:
-            raise self.fail("seccomp.default", "an allowlist cannot default to 'allow'")
-        default_errno = self.errno_value(
-            table.get("default_errno", "EPERM"), "seccomp.default_errno"
-        )
-        rules = []
-        allow = self.array(table, "allow")
-        if not all(isinstance(n, str) for n in allow):
-            raise self.fail("seccomp.allow", "expected an array of syscall and @group names")
-        try:
-            rules.append(SeccompRule(syscall_groups.expand(allow), SeccompAction.ALLOW))
-        except KeyError as e:
-            raise self.fail(
-                "seccomp.allow",
-                f"unknown syscall group {e.args[0]!r}; known: "
-                + ", ".join(sorted(syscall_groups.GROUPS)),
-            ) from None
-        for i, raw_rule in enumerate(self.array(table, "rule")):
-            rules.append(self.rule(raw_rule, f"seccomp.rule[{i}]"))
-        families = []
-        for fam in (
-            self.array(table, "socket_families")
-            if "socket_families" in table
-            else ["unix", "inet", "inet6"]
-        ):
-            if fam not in SOCKET_FAMILIES:
-                raise self.fail(
-                    "seccomp.socket_families",
-                    f"expected names from {sorted(SOCKET_FAMILIES)}, got {fam!r}",
-                )
-            families.append(int(SOCKET_FAMILIES[fam]))
-        policy = SeccompPolicy(
-            default=default,
-            default_errno=default_errno,
-            rules=tuple(rules),
-            socket_families=tuple(families),
-            unsafe_namespace_clone=self.typed(
-                table, "unsafe_namespace_clone", bool, False, "seccomp.unsafe_namespace_clone"
-            ),
-        )
-        from .box.seccomp import filter_known, unknown_syscalls
+        families.append(int(SOCKET_FAMILIES[fam]))
+    policy = SeccompPolicy(
+        default=default,
+        default_errno=default_errno,
+        rules=tuple(rules),
+        socket_families=tuple(families),
+        unsafe_namespace_clone=table.boolean("unsafe_namespace_clone", False),
+    )
+    from .box.seccomp import filter_known, unknown_syscalls
 
-        if filter_known(policy):  # compiled before: every name is known, no libseccomp needed
-            return policy
-        for i, rule in enumerate(policy.rules):
-            bad = unknown_syscalls(rule.syscalls)
-            if bad:
-                key = "seccomp.allow" if i == 0 else f"seccomp.rule[{i - 1}].syscalls"
-                raise self.fail(key, "unknown syscall name(s): " + ", ".join(bad))
+    if filter_known(policy):  # compiled before: every name is known, no libseccomp needed
         return policy
+    for i, seccomp_rule in enumerate(policy.rules):
+        bad = unknown_syscalls(seccomp_rule.syscalls)
+        if bad:
+            key = "allow" if i == 0 else f"rule[{i - 1}].syscalls"
+            raise table.fail(key, "unknown syscall name(s): " + ", ".join(bad))
+    return policy
 
-    def rule(self, value: object, key: str) -> SeccompRule:
-        table = self.table(value, key, _RULE_KEYS)
-        names = self.array(table, "syscalls")
-        if not names or not all(isinstance(n, str) for n in names):
-            raise self.fail(f"{key}.syscalls", "expected a non-empty array of syscall names")
-        try:
-            syscalls = syscall_groups.expand(names)
-        except KeyError as e:
-            raise self.fail(f"{key}.syscalls", f"unknown syscall group {e.args[0]!r}") from None
-        action = self.enum(table.get("action"), SeccompAction, f"{key}.action")
-        err = 0
-        if action is SeccompAction.ERRNO:
-            err = self.errno_value(table.get("errno"), f"{key}.errno")
-        elif "errno" in table:
-            raise self.fail(f"{key}.errno", "only an 'errno' action takes an errno")
-        conditions = []
-        for j, arg in enumerate(self.array(table, "args")):
-            akey = f"{key}.args[{j}]"
-            t = self.table(arg, akey, _ARG_KEYS)
-            index = self.typed(t, "index", int, -1, f"{akey}.index")
-            if not 0 <= index <= 5:
-                raise self.fail(f"{akey}.index", "expected an argument index from 0 to 5")
-            op = t.get("op", "eq")
-            if op not in ("eq", "ne"):
-                raise self.fail(f"{akey}.op", "expected 'eq' or 'ne'")
-            conditions.append(
-                ArgCondition(
-                    index=index,
-                    value=self.typed(t, "value", int, 0, f"{akey}.value"),
-                    mask=self.typed(t, "mask", int, 0xFFFF_FFFF_FFFF_FFFF, f"{akey}.mask"),
-                    equal=op == "eq",
-                )
+
+def _rule(table: Table) -> SeccompRule:
+    names = table.strings("syscalls", "a non-empty array of syscall names")
+    if not names:
+        raise table.fail("syscalls", "expected a non-empty array of syscall names")
+    try:
+        syscalls = syscall_groups.expand(names)
+    except KeyError as e:
+        raise table.fail("syscalls", f"unknown syscall group {e.args[0]!r}") from None
+    action = table.enum("action", SeccompAction)
+    err = 0
+    if action is SeccompAction.ERRNO:
+        err = _errno(table, "errno")
+    elif "errno" in table:
+        raise table.fail("errno", "only an 'errno' action takes an errno")
+    conditions = []
+    for arg in table.tables("args", _ARG_KEYS):
+        index = arg.integer("index")
+        if not 0 <= index <= 5:
+            raise arg.fail("index", "expected an argument index from 0 to 5")
+        op = arg.raw("op", "eq")
+        if op not in ("eq", "ne"):
+            raise arg.fail("op", "expected 'eq' or 'ne'")
+        conditions.append(
+            ArgCondition(
+                index=index,
+                value=arg.integer("value", 0),
+                mask=arg.integer("mask", 0xFFFF_FFFF_FFFF_FFFF),
+                equal=op == "eq",
             )
-        return SeccompRule(syscalls, action, err, tuple(conditions))
+        )
+    return SeccompRule(syscalls, action, err, tuple(conditions))

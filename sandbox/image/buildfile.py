@@ -27,7 +27,7 @@ import os
 import shlex
 from dataclasses import dataclass
 
-from ..errors import ImageError
+from ..errors import BuildFileError, ImageError
 from .oci import parse_user
 from .reference import parse_reference
 
@@ -66,8 +66,8 @@ class _Parser:
     def __init__(self, source: str) -> None:
         self.source = source
 
-    def fail(self, line: int, problem: str) -> ImageError:
-        return ImageError(f"{self.source}:{line}: {problem}")
+    def fail(self, line: int, problem: str) -> BuildFileError:
+        return BuildFileError(self.source, line, problem)
 
     def logical_lines(self, text: str) -> list[tuple[int, str]]:
         out: list[tuple[int, str]] = []
@@ -192,20 +192,20 @@ class _Parser:
 
 
 def parse_buildfile(text: str | bytes, source: str) -> list[Instruction]:
-    """Parse a build file; raises :class:`ImageError` naming ``source`` and the line."""
+    """Parse a build file; raises :class:`BuildFileError` naming ``source`` and the line."""
     parser = _Parser(source)
     if isinstance(text, bytes):
         if len(text) > MAX_FILE:
-            raise ImageError(f"{source}: larger than {MAX_FILE} bytes")
+            raise BuildFileError(source, None, f"larger than {MAX_FILE} bytes")
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError:
-            raise ImageError(f"{source}: not UTF-8 text") from None
+            raise BuildFileError(source, None, "not UTF-8 text") from None
     if "\0" in text:
-        raise ImageError(f"{source}: contains a NUL byte")
+        raise BuildFileError(source, None, "contains a NUL byte")
     lines = parser.logical_lines(text)
     if len(lines) > MAX_INSTRUCTIONS:
-        raise ImageError(f"{source}: more than {MAX_INSTRUCTIONS} instructions")
+        raise BuildFileError(source, None, f"more than {MAX_INSTRUCTIONS} instructions")
     instructions = [parser.instruction(n, t) for n, t in lines]
     if not instructions or instructions[0].keyword != "FROM":
         raise parser.fail(
