@@ -181,7 +181,7 @@ def run_image(args: argparse.Namespace) -> int:
 
 def _tag_name(ref: str) -> str:
     """The name an image is saved under: the reference with ``latest`` filled in."""
-    from .image.reference import parse_reference
+    from .imageref import parse_reference
 
     if ref.startswith("sha256:"):
         return "image:" + ref.split(":", 1)[1][:12]
@@ -191,7 +191,7 @@ def _tag_name(ref: str) -> str:
 
 def _check_tag(tag: str) -> None:
     """Refuse a name the store could not tag with (``-t``), as ``Store.tag`` would."""
-    from .image.reference import parse_reference
+    from .imageref import parse_reference
 
     if parse_reference(tag).digest:
         raise ImageError(f"cannot tag with a digest reference {tag!r}", hint="-t NAME[:TAG]")

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import syscall_groups
-from .errors import ConfigError
+from .errors import ConfigError, ImageError
+from .imageref import parse_reference
 from .spec import (
     DURATION_LIMITS,
     LIMIT_NAMES,
@@ -235,9 +236,6 @@ class _Validator:
     def image(self, top: dict[str, Any]) -> str | None:
         if "image" not in top:
             return None
-        from .errors import ImageError
-        from .image.reference import parse_reference
-
         text = self.typed(top, "image", str, "", "image")
         try:
             parse_reference(text)
