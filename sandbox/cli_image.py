@@ -116,6 +116,7 @@ def run_image(args: argparse.Namespace) -> int:
         return 0
     if command == "build":
         from .image.build import DEFAULT_FILE, Builder
+        from .supervisor import run_box
         from .units import parse_size
 
         for tag in args.tag:  # before the build, which may take minutes
@@ -129,6 +130,7 @@ def run_image(args: argparse.Namespace) -> int:
         builder = Builder(
             store,
             lambda line: print(line, file=sys.stderr, flush=True),
+            run_box,
             use_cache=not args.no_cache,
             run_profile=args.run_profile,
             root_size=root_size,

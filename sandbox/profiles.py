@@ -203,6 +203,7 @@ class _Validator:
         network = self.enum(box.get("network", "none"), NetworkMode, "box.network")
         uid = self.typed(box, "uid", int, 1000, "box.uid")
         gid = self.typed(box, "gid", int, 1000, "box.gid")
+        # No profile makes a box uid 0: spec.build_step_spec is the one, documented, exception.
         for key, value in (("box.uid", uid), ("box.gid", gid)):
             if not 1 <= value < 65534:
                 raise self.fail(
