@@ -158,9 +158,9 @@ class BoxRunner(Protocol):
 
 
 class Builder:
-    """Builds one build file; ``progress`` receives one line per step, ``run_step`` runs each
-    RUN step's box (in a box of the ``run_profile`` profile, made by
-    :func:`~sandbox.spec.build_step_spec`).
+    """Builds one build file; ``progress`` receives one line per step, ``run_step`` runs the
+    box of each RUN step (its Spec made by :func:`~sandbox.spec.build_step_spec` from the
+    ``run_profile`` profile).
 
     ``root_size`` caps what each RUN step may write (its upper directory); None: the run
     profile's ``root_size``, else :data:`DEFAULT_STEP_SIZE`.
