@@ -29,6 +29,7 @@ from startup import median_ms  # noqa: E402  (benchmarks/ is on the path)
 import sandbox  # noqa: E402
 from sandbox.image.build import Builder  # noqa: E402
 from sandbox.image.store import Store  # noqa: E402
+from sandbox.supervisor import run_box  # noqa: E402
 
 SIZES = {"10MB": 10 << 20, "1GB": 1 << 30}
 FILE_SIZE = 8 << 20
@@ -48,8 +49,8 @@ def ensure_image(store: Store, name: str, size: int) -> None:
         (Path(context) / "Sandboxfile").write_text(
             "FROM scratch\nBUNDLE /bin/true\nCOPY data /data/\n")
         started = time.monotonic()
-        Builder(store, lambda line: None).build(Path(context) / "Sandboxfile", Path(context),
-                                                [name])
+        Builder(store, lambda line: None, run_box).build(
+            Path(context) / "Sandboxfile", Path(context), [name])
         print(f"built {name} in {time.monotonic() - started:.1f} s", flush=True)
 
 

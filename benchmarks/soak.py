@@ -52,12 +52,13 @@ def build_image(directory: Path) -> None:
     """A small image from the host: a shell, cat, and one file."""
     from sandbox.image.build import Builder
     from sandbox.image.store import Store
+    from sandbox.supervisor import run_box
 
     (directory / "f").write_text("image data\n")
     (directory / "Sandboxfile").write_text(
         "FROM scratch\nBUNDLE /bin/sh /usr/bin/cat\nCOPY f /data/f\nENV PATH=/usr/bin:/bin\n")
-    Builder(Store(), lambda line: None).build(directory / "Sandboxfile", directory,
-                                               ["soak/image"])
+    Builder(Store(), lambda line: None, run_box).build(directory / "Sandboxfile", directory,
+                                                        ["soak/image"])
 
 
 LOCKS = ("ids", "subnets")  # one file per slot ever used at once: grows with concurrency only

@@ -116,6 +116,7 @@ def run_image(args: argparse.Namespace) -> int:
         return 0
     if command == "build":
         from .image.build import DEFAULT_FILE, Builder
+        from .supervisor import run_box
         from .units import parse_size
 
         for tag in args.tag:  # before the build, which may take minutes
@@ -129,6 +130,7 @@ def run_image(args: argparse.Namespace) -> int:
         builder = Builder(
             store,
             lambda line: print(line, file=sys.stderr, flush=True),
+            run_box,
             use_cache=not args.no_cache,
             run_profile=args.run_profile,
             root_size=root_size,
@@ -181,7 +183,7 @@ def run_image(args: argparse.Namespace) -> int:
 
 def _tag_name(ref: str) -> str:
     """The name an image is saved under: the reference with ``latest`` filled in."""
-    from .image.reference import parse_reference
+    from .imageref import parse_reference
 
     if ref.startswith("sha256:"):
         return "image:" + ref.split(":", 1)[1][:12]
@@ -191,7 +193,7 @@ def _tag_name(ref: str) -> str:
 
 def _check_tag(tag: str) -> None:
     """Refuse a name the store could not tag with (``-t``), as ``Store.tag`` would."""
-    from .image.reference import parse_reference
+    from .imageref import parse_reference
 
     if parse_reference(tag).digest:
         raise ImageError(f"cannot tag with a digest reference {tag!r}", hint="-t NAME[:TAG]")

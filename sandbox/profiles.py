@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from . import syscall_groups
-from .errors import ConfigError
+from .errors import ConfigError, ImageError
+from .imageref import parse_reference
 from .limits import LIMITS, Limits, parse_limits
 from .spec import (
     ArgCondition,
@@ -154,6 +155,7 @@ class _Validator:
             raise box.fail("hostname", "expected a lower-case host name")
         network = box.enum("network", NetworkMode, NetworkMode.NONE)
         uid, gid = box.integer("uid", 1000), box.integer("gid", 1000)
+        # No profile makes a box uid 0: spec.build_step_spec is the one, documented, exception.
         for key, value in (("uid", uid), ("gid", gid)):
             if not 1 <= value < 65534:
                 raise box.fail(
@@ -186,9 +188,6 @@ class _Validator:
 def _image(top: Table) -> str | None:
     if "image" not in top:
         return None
-    from .errors import ImageError
-    from .image.reference import parse_reference
-
     text = top.string("image")
     try:
         parse_reference(text)

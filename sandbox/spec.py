@@ -139,3 +139,43 @@ class Spec:
     def environment(self) -> dict[str, str]:
         """The program's whole environment: the profile's allowlist, then the request's."""
         return dict(self.profile.env) | dict(self.env)
+
+
+#: The uid and gid of a build step's program inside its user namespace (see build_step_spec).
+BUILD_STEP_ID = 0
+
+
+def build_step_spec(
+    profile: Profile,
+    argv: tuple[str, ...],
+    *,
+    env: tuple[tuple[str, str], ...],
+    cwd: str,
+    step: str,
+    layers: tuple[str, ...],
+    store: str,
+    upper: str,
+) -> Spec:
+    """The Spec of one ``RUN`` step of an image build: the only box whose program is uid 0.
+
+    Every profile's ``box.uid``/``box.gid`` is 1 to 65533 (profiles.py refuses 0): a box is
+    never root, not even of its own user namespace. A build step is the one exception, made
+    only here, because its command must be able to change every file of the image as a
+    build's root does (install packages, chown, remove what the base image holds). It is
+    still unprivileged: uid and gid 0 of the box's own user namespace, mapped to the host's
+    image owner, never to host root (the supervisor picks those host ids for a root with an
+    ``upper`` directory: :func:`sandbox.box.userns.build_step_ids`). It keeps everything else
+    of ``profile``: its own user, pid, mount, network, IPC, UTS and cgroup namespaces, no
+    capability in any set once the program runs, no_new_privs, the seccomp filter, the
+    network mode and the limits. Only the environment is the build's (``env``), not the
+    profile's allowlist. The root is the image so far (``layers``, top first, from the store
+    at ``store``) with ``upper``, the step's upper directory, whose contents become the layer.
+    """
+    return Spec(
+        profile=replace(profile, uid=BUILD_STEP_ID, gid=BUILD_STEP_ID, env=()),
+        argv=argv,
+        limits=profile.limits,
+        env=env,
+        cwd=cwd,
+        image=ImageRoot(f"build step {step}", "", layers, store, upper),
+    )

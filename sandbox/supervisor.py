@@ -24,11 +24,11 @@ from .box import cgroups, rlimits, seccomp, treelimits, userns, uts
 from .box.mounts import plan_root, plan_run_binds, run_binds
 from .errors import ConfigError, HostError
 from .hostinfo import host_facts
-from .image.lock import hold_store
 from .kernel import Kernel
 from .limits import LIMITS, Limits
 from .report import AppliedLimit, Report, StopReason
 from .spec import Fallback, NetworkMode, Spec
+from .storelock import hold_store
 from .streams import MAX_BACKLOG, BufferSink, Sink
 from .verdict import Observed, decide
 

@@ -31,6 +31,7 @@ from typing import BinaryIO
 
 from ..errors import ImageError
 from ..hostpath import OutputFile, PathRefused, open_nofollow
+from ..imageref import parse_reference
 from .dirfd import (
     DIR_FLAGS,
     Unwalkable,
@@ -57,7 +58,6 @@ from .oci import (
     parse_config,
     parse_manifest,
 )
-from .reference import parse_reference
 from .store import Image, Store
 from .tarstream import Budget
 

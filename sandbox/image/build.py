@@ -25,9 +25,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from ..baseimage import world_readable
 from ..box.userns import HostIds, image_owner, write_maps
@@ -43,6 +43,9 @@ from ..kernel import (
     MS_REC,
     Kernel,
 )
+from ..profiles import load_profile
+from ..report import Report
+from ..spec import Spec, build_step_spec
 from ..units import format_size
 from . import elf
 from .buildfile import Instruction, parse_buildfile
@@ -143,8 +146,21 @@ def _read_buildfile(path: Path) -> bytes:
     return data
 
 
+class BoxRunner(Protocol):
+    """Runs a box to its end and returns its report, as :func:`sandbox.supervisor.run_box` does
+    (``stdin_fd``, ``stdout`` and ``stderr`` are descriptors the box takes over).
+
+    Whoever starts a build passes one in, so the image engine, below the supervisor, never
+    imports it.
+    """
+
+    def __call__(self, spec: Spec, stdin_fd: int, stdout: int, stderr: int, /) -> Report: ...
+
+
 class Builder:
-    """Builds one build file; ``progress`` receives one line per step.
+    """Builds one build file; ``progress`` receives one line per step, ``run_step`` runs the
+    box of each RUN step (its Spec made by :func:`~sandbox.spec.build_step_spec` from the
+    ``run_profile`` profile).
 
     ``root_size`` caps what each RUN step may write (its upper directory); None: the run
     profile's ``root_size``, else :data:`DEFAULT_STEP_SIZE`.
@@ -154,12 +170,14 @@ class Builder:
         self,
         store: Store,
         progress: Progress,
+        run_step: BoxRunner,
         use_cache: bool = True,
         run_profile: str = "build",
         root_size: int | None = None,
     ) -> None:
         self.store = store
         self.progress = progress
+        self.run_step = run_step
         self.use_cache = use_cache
         self.run_profile = run_profile
         self.root_size = root_size
@@ -319,27 +337,23 @@ class Builder:
     def run(self, state: _State, ins: Instruction, where: str, build_dir: str) -> Iterator[str]:
         """Run ``ins`` in a build box over the image so far; yields the upper directory, on a
         tmpfs of the step's size that is unmounted (and so freed) when the context ends."""
-        from ..profiles import load_profile
-        from ..spec import ImageRoot, Spec
-        from ..supervisor import run_box
-
         profile = load_profile(self.run_profile)
-        profile = replace(profile, uid=0, gid=0)
         size = self.root_size or profile.limits.root_size or DEFAULT_STEP_SIZE
         with _capped_dir(build_dir, size, where):
-            layers = tuple(str(self.store.layer_path(d)) for _, d in reversed(state.layers))
             env = {"PATH": DEFAULT_PATH, "HOME": "/root"} | state.env
-            spec = Spec(
-                profile=replace(profile, env=()),
-                argv=ins.args,
-                limits=profile.limits,
+            spec = build_step_spec(
+                profile,
+                ins.args,
                 env=tuple(env.items()),
                 cwd=state.workdir or "/",
-                image=ImageRoot(f"build step {where}", "", layers, str(self.store.root), build_dir),
+                step=where,
+                layers=tuple(str(self.store.layer_path(d)) for _, d in reversed(state.layers)),
+                store=str(self.store.root),
+                upper=build_dir,
             )
             stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                report = run_box(spec, stdin, os.dup(2), os.dup(2))
+                report = self.run_step(spec, stdin, os.dup(2), os.dup(2))
             finally:
                 os.close(stdin)
             full = os.statvfs(build_dir)

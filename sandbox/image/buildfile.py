@@ -28,8 +28,8 @@ import shlex
 from dataclasses import dataclass
 
 from ..errors import BuildFileError, ImageError
+from ..imageref import parse_reference
 from .oci import parse_user
-from .reference import parse_reference
 
 KEYWORDS = (
     "FROM",

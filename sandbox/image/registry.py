@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from ..errors import ImageError
+from ..imageref import Reference, parse_reference
 from .oci import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -36,7 +37,6 @@ from .oci import (
     docker_manifest,
     parse_manifest,
 )
-from .reference import Reference, parse_reference
 from .store import MAX_IMAGE_BYTES, Image, Store
 from .tarstream import Budget
 

@@ -27,7 +27,6 @@ so it never removes a blob a writer has not tagged yet or a layer a running box 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -41,7 +40,9 @@ from typing import BinaryIO
 
 from ..box.userns import image_owner
 from ..errors import HostError, ImageError
+from ..imageref import Reference, check_digest, parse_reference
 from ..state import state_dir
+from ..storelock import STORE_LOCK, lock_file
 from .dirfd import DIR_FLAGS, remove_tree, tree_size
 from .extract import extract_layer
 from .oci import (
@@ -54,7 +55,6 @@ from .oci import (
     parse_config,
     parse_manifest,
 )
-from .reference import Reference, check_digest, parse_reference
 from .tarstream import Budget
 
 CHUNK = 1 << 20
@@ -90,17 +90,16 @@ class Store:
 
     # -- locking ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _flock(self, name: str, mode: int) -> Iterator[None]:
-        fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    def _flock(self, name: str, exclusive: bool) -> Iterator[None]:
+        fd = lock_file(self.root / name, exclusive)
         try:
-            fcntl.flock(fd, mode)
             yield
         finally:
             os.close(fd)
 
     def using(self) -> contextlib.AbstractContextManager[None]:
         """Held by builds, pulls, loads and runs: prune waits until none is left."""
-        return self._flock("lock", fcntl.LOCK_SH)
+        return self._flock(STORE_LOCK, exclusive=False)
 
     # -- blobs -----------------------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
@@ -228,7 +227,7 @@ class Store:
         return {str(k): str(v) for k, v in value.items()}
 
     def _update_refs(self, change: dict[str, str | None]) -> None:
-        with self._flock("refs.json.lock", fcntl.LOCK_EX):
+        with self._flock("refs.json.lock", exclusive=True):
             refs = self.refs()
             for name, digest in change.items():
                 if digest is None:
@@ -330,7 +329,7 @@ class Store:
     # -- garbage collection ----------------------------------------------------------------
     def prune(self) -> tuple[int, int, int]:
         """Remove what no tag reaches: (blobs, layers, bytes freed). Waits for users to end."""
-        with self._flock("lock", fcntl.LOCK_EX):
+        with self._flock(STORE_LOCK, exclusive=True):
             keep_blobs: set[str] = set()
             keep_layers: set[str] = set()
             for digest in set(self.refs().values()):

@@ -23,8 +23,8 @@ from sandbox.image.oci import (
     parse_manifest,
     parse_user,
 )
-from sandbox.image.reference import parse_reference
 from sandbox.image.registry import is_loopback, parse_challenge, parse_tags, parse_token
+from sandbox.imageref import parse_reference
 
 D = "sha256:" + "a" * 64
 

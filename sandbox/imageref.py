@@ -5,6 +5,9 @@ a ``.`` or a ``:`` or is ``localhost`` names a registry; repository components a
 alphanumerics joined by ``.``, ``_``, ``__`` or dashes; a tag is at most 128 word characters,
 dots and dashes. Without a registry a name is local to this machine's store (``python:3``);
 there is no implicit default registry, so nothing is ever fetched from a host nobody named.
+
+It sits below both the image package and the profiles, which check a profile's ``image`` key
+with it, so neither imports the other for it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import ImageError
+from .errors import ImageError
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPOSITORY = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
