@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import resource
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING
 from .errors import ConfigError
 from .limits import LIMITS, Limits, clamp_to, parse_limits
 from .profiles import load_profile
-from .spec import Bind, ImageRoot, Spec
+from .spec import Bind, ImageRoot, Spec, check_bind_target
 
 if TYPE_CHECKING:
     from .image.oci import ImageConfig
@@ -26,15 +25,6 @@ if TYPE_CHECKING:
 
 DEFAULT_PROFILE = "strict"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SYSTEM_DIR = re.compile(r"^/(|(usr|bin|sbin|lib[^/]*|etc)(/.*)?)$")
-#: The kernel's limits on execve's strings (linux/binfmts.h): MAX_ARG_STRLEN per string, and
-#: for all of them with their pointers a quarter of RLIMIT_STACK, at most 6 MiB, at least
-#: ARG_MAX (fs/exec.c, bprm_stack_limits). PATH_MAX is kept for the file name, copied too.
-MAX_ARG_STRLEN = 32 * 4096
-ARG_MAX = 128 << 10
-_ARGS_MOST = 6 << 20
-_PATH_MAX = 4096
-
 
 @dataclass(frozen=True)
 class Request:
@@ -59,28 +49,6 @@ def parse_bind(text: str, writable: bool) -> Bind:
     bind = Bind(str(Path(source).absolute()), target, writable)
     check_bind_target(bind, flag)
     return bind
-
-
-def check_bind_target(bind: Bind, key: str) -> None:
-    """Refuse a target on or under the box's read-only system directories, before any setup.
-
-    The root, ``/usr`` (the host's, read-only) and its ``/bin``, ``/sbin``, ``/lib*`` links,
-    and the synthesized ``/etc`` make the box work: a bind there cannot make its mount point, or
-    it hides what every program needs. (``/proc`` and ``/dev`` are refused with the root plan.)
-    """
-    target = bind.target
-    if not isinstance(target, str) or not target.startswith("/") or "\0" in target:
-        raise ConfigError("request", key, f"expected an absolute target path, got {target!r}")
-    if ".." in target.split("/"):
-        raise ConfigError("request", key, f"the target must not contain '..', got {target!r}")
-    if _SYSTEM_DIR.match("/" + os.path.normpath(target).lstrip("/")):  # POSIX keeps "//"
-        raise ConfigError(
-            "request",
-            key,
-            f"{target} is on or under a read-only system directory of the box "
-            "(/, /usr, /bin, /sbin, /lib*, /etc)",
-            hint="bind under /box or /tmp, or to a new top-level directory such as /data",
-        )
 
 
 def clamp(limits: Limits, policy: Policy | None) -> tuple[Limits, tuple[str, ...]]:
@@ -128,8 +96,6 @@ def resolve(request: Request) -> Spec:
     )
     limits, clamped = clamp(profile.limits.merged(**overrides), policy)
     binds = tuple(request.binds)
-    for bind in binds:
-        check_bind_target(bind, f"bind {bind.source}:{bind.target}")
     if policy is not None:
         if profile.network not in policy.networks:
             raise ConfigError(
@@ -162,9 +128,8 @@ def resolve(request: Request) -> Spec:
         argv = (*(config.entrypoint or ()), *(argv or config.cmd or ()))
         env = (*config.env, *env)
         cwd = config.workdir or None
-    if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv) or not argv[0]:
+    if not argv:
         raise ConfigError("request", "argv", "expected a non-empty command without NUL bytes")
-    _check_exec_size(argv, dict(profile.env) | dict(env), limits.stack)
     return Spec(
         profile=profile,
         argv=argv,
@@ -216,39 +181,3 @@ def _check_types(request: Request) -> None:
         )
     if not isinstance(request.limits, Mapping):
         raise ConfigError("request", "limits", "expected a mapping of limit names to values")
-
-
-def _check_exec_size(argv: Sequence[str], env: Mapping[str, str], stack: int | None) -> None:
-    """execve would fail with E2BIG inside the box: refuse before it starts, saying why."""
-    strings = [*argv, *(f"{k}={v}" for k, v in env.items())]
-    total = 8 * len(strings) + _PATH_MAX
-    for index, text in enumerate(strings):
-        what = f"argv[{index}]" if index < len(argv) else f"env.{text.partition('=')[0]}"
-        try:
-            size = len(os.fsencode(text)) + 1
-        except UnicodeEncodeError as e:
-            raise ConfigError(
-                "request", what, f"cannot be encoded for execve: {e.reason}"
-            ) from None
-        if size > MAX_ARG_STRLEN:
-            raise ConfigError(
-                "request",
-                what,
-                f"{size} bytes is over the kernel's {MAX_ARG_STRLEN // 1024} KiB per string "
-                "(MAX_ARG_STRLEN)",
-                hint="pass large data through stdin or a bound file",
-            )
-        total += size
-    if stack is None:
-        stack = resource.getrlimit(resource.RLIMIT_STACK)[0]  # what the box inherits
-    most = max(
-        min(_ARGS_MOST, stack // 4 if stack != resource.RLIM_INFINITY else _ARGS_MOST), ARG_MAX
-    )
-    if total > most:
-        raise ConfigError(
-            "request",
-            "argv",
-            f"the command and environment take {total} bytes, over the kernel's {most} "
-            "(ARG_MAX: a quarter of the stack limit, at most 6 MiB)",
-            hint="pass large data through stdin or a bound file",
-        )

@@ -7,10 +7,24 @@ one request (the command, binds, limit overrides) after the policy has clamped i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import re
+import resource
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from .errors import ConfigError
 from .limits import Limits  # the limit registry; every Spec carries one
+
+_SYSTEM_DIR = re.compile(r"^/(|(usr|bin|sbin|lib[^/]*|etc)(/.*)?)$")
+#: The kernel's limits on execve's strings (linux/binfmts.h): MAX_ARG_STRLEN per string, and
+#: for all of them with their pointers a quarter of RLIMIT_STACK, at most 6 MiB, at least
+#: ARG_MAX (fs/exec.c, bprm_stack_limits). PATH_MAX is kept for the file name, copied too.
+MAX_ARG_STRLEN = 32 * 4096
+ARG_MAX = 128 << 10
+_ARGS_MOST = 6 << 20
+_PATH_MAX = 4096
 
 
 class NetworkMode(StrEnum):
@@ -135,6 +149,25 @@ class Spec:
     link: Link | None = None
     image: ImageRoot | None = None  # the root's layers; the host's /usr on a base layer if None
 
+    def __post_init__(self) -> None:
+        """The one validation every Spec passes, however it is made (``resolve``, a build
+        step, ``dataclasses.replace``): who the program is, where binds may go, and a command
+        execve can take. A box built ahead is a Spec without argv (its shape)."""
+        if BUILD_STEP_ID in (self.profile.uid, self.profile.gid) and (
+            self.image is None or self.image.upper is None
+        ):
+            # The one exception is a build step's (build_step_spec); no other box is root.
+            raise ConfigError("request", "uid", "uid and gid 0 are only a build step's")
+        for bind in self.binds:
+            check_bind_target(bind, f"bind {bind.source}:{bind.target}")
+        if self.argv:
+            argv = self.argv
+            if not all(isinstance(a, str) and "\0" not in a for a in argv) or not argv[0]:
+                raise ConfigError(
+                    "request", "argv", "expected a non-empty command without NUL bytes"
+                )
+            _check_exec_size(argv, self.environment, self.limits.stack)
+
     @property
     def environment(self) -> dict[str, str]:
         """The program's whole environment: the profile's allowlist, then the request's."""
@@ -179,3 +212,61 @@ def build_step_spec(
         cwd=cwd,
         image=ImageRoot(f"build step {step}", "", layers, store, upper),
     )
+
+
+def check_bind_target(bind: Bind, key: str) -> None:
+    """Refuse a target on or under the box's read-only system directories, before any setup.
+
+    The root, ``/usr`` (the host's, read-only) and its ``/bin``, ``/sbin``, ``/lib*`` links,
+    and the synthesized ``/etc`` make the box work: a bind there cannot make its mount point, or
+    it hides what every program needs. (``/proc`` and ``/dev`` are refused with the root plan.)
+    """
+    target = bind.target
+    if not isinstance(target, str) or not target.startswith("/") or "\0" in target:
+        raise ConfigError("request", key, f"expected an absolute target path, got {target!r}")
+    if ".." in target.split("/"):
+        raise ConfigError("request", key, f"the target must not contain '..', got {target!r}")
+    if _SYSTEM_DIR.match("/" + os.path.normpath(target).lstrip("/")):  # POSIX keeps "//"
+        raise ConfigError(
+            "request",
+            key,
+            f"{target} is on or under a read-only system directory of the box "
+            "(/, /usr, /bin, /sbin, /lib*, /etc)",
+            hint="bind under /box or /tmp, or to a new top-level directory such as /data",
+        )
+
+
+def _check_exec_size(argv: Sequence[str], env: Mapping[str, str], stack: int | None) -> None:
+    """execve would fail with E2BIG inside the box: refuse before it starts, saying why."""
+    strings = [*argv, *(f"{k}={v}" for k, v in env.items())]
+    total = 8 * len(strings) + _PATH_MAX
+    for index, text in enumerate(strings):
+        what = f"argv[{index}]" if index < len(argv) else f"env.{text.partition('=')[0]}"
+        try:
+            size = len(os.fsencode(text)) + 1
+        except UnicodeEncodeError as e:
+            raise ConfigError(
+                "request", what, f"cannot be encoded for execve: {e.reason}"
+            ) from None
+        if size > MAX_ARG_STRLEN:
+            raise ConfigError(
+                "request",
+                what,
+                f"{size} bytes is over the kernel's {MAX_ARG_STRLEN // 1024} KiB per string "
+                "(MAX_ARG_STRLEN)",
+                hint="pass large data through stdin or a bound file",
+            )
+        total += size
+    if stack is None:
+        stack = resource.getrlimit(resource.RLIMIT_STACK)[0]  # what the box inherits
+    most = max(
+        min(_ARGS_MOST, stack // 4 if stack != resource.RLIM_INFINITY else _ARGS_MOST), ARG_MAX
+    )
+    if total > most:
+        raise ConfigError(
+            "request",
+            "argv",
+            f"the command and environment take {total} bytes, over the kernel's {most} "
+            "(ARG_MAX: a quarter of the stack limit, at most 6 MiB)",
+            hint="pass large data through stdin or a bound file",
+        )

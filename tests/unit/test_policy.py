@@ -188,3 +188,25 @@ def test_one_string_over_max_arg_strlen_is_refused():
     assert info.value.key == "env.BIG"
     assert _execs(["/bin/true", "x" * (128 << 10)], 8 << 20) is False  # the kernel agrees
     resolve(Request(argv=["echo", "x" * ((128 << 10) - 1)]))
+
+
+def test_every_spec_is_validated_however_it_is_made():
+    """Spec's own check holds for resolve, dataclasses.replace and a build step alike."""
+    import dataclasses
+
+    from sandbox.spec import BUILD_STEP_ID, build_step_spec
+
+    spec = resolve(Request(argv=["true"]))
+    with pytest.raises(ConfigError, match="read-only system directory"):
+        dataclasses.replace(spec, binds=(Bind("/tmp", "/usr/lib"),))
+    with pytest.raises(ConfigError, match="NUL"):
+        dataclasses.replace(spec, argv=("a\0b",))
+    with pytest.raises(ConfigError, match="MAX_ARG_STRLEN"):
+        dataclasses.replace(spec, argv=("echo", "x" * (128 << 10)))
+    root = dataclasses.replace(spec.profile, uid=BUILD_STEP_ID, gid=BUILD_STEP_ID)
+    with pytest.raises(ConfigError, match="only a build step's"):
+        dataclasses.replace(spec, profile=root)
+    step = build_step_spec(spec.profile, ("true",), env=(), cwd="/", step="1/1",
+                           layers=(), store="/nonexistent", upper="/nonexistent/upper")
+    assert step.profile.uid == BUILD_STEP_ID and step.image is not None
+    assert dataclasses.replace(spec, argv=()).argv == ()  # a warm box's shape has no command
