@@ -33,7 +33,7 @@ from sandbox.meta import render_meta
 from sandbox.native.build import build_parser_harness
 from sandbox.policy import load_policy
 from sandbox.profiles import load_profile
-from sandbox.report import AppliedLimit, Report, Verdict
+from sandbox.report import AppliedLimit, CgroupHierarchy, Report, StopReason, Verdict
 from sandbox.units import parse_cpu_list, parse_duration, parse_size
 
 _SCRATCH = Path(tempfile.mkdtemp(prefix="sandbox-fuzz-"))
@@ -102,9 +102,9 @@ def meta(data: bytes) -> None:
         forbidden_syscall=data[32:].decode(errors="replace") or None,
         profile="fuzz",
         profile_hash="sha256:0",
-        cgroup="none",
+        cgroup=CgroupHierarchy.NONE,
         limits={"wall_time": AppliedLimit(1.0, "fuzz")},
-        limit_fired="wall_time" if raw[25] % 2 else None,
+        limit_fired=StopReason.WALL_TIME if raw[25] % 2 else None,
         error=data[32:].decode(errors="replace") or None,
     )
     lines = render_meta(report).splitlines()

@@ -41,6 +41,14 @@ class StopReason(StrEnum):
     SETUP = "setup"  # the box's setup took too long
 
 
+class CgroupHierarchy(StrEnum):
+    """Which cgroup hierarchy enforced the box's limits (the report's ``cgroup``)."""
+
+    V1 = "cgroup1"
+    V2 = "cgroup2"
+    NONE = "none"  # no cgroup: rlimits and the box init (``fallback = "rlimit"``)
+
+
 @dataclass(frozen=True)
 class AppliedLimit:
     """One limit as applied to the run and the mechanism that enforced it."""
@@ -67,7 +75,7 @@ class Report:
     forbidden_syscall: str | None
     profile: str
     profile_hash: str
-    cgroup: str
+    cgroup: CgroupHierarchy
     limits: dict[str, AppliedLimit]
     stdout_bytes: int = 0
     stderr_bytes: int = 0
@@ -112,6 +120,7 @@ class Report:
         data = asdict(self)
         del data["stdout"], data["stderr"], data["ended_at"]
         data["verdict"] = self.verdict.value
+        data["cgroup"] = self.cgroup.value
         data["limit_fired"] = None if self.limit_fired is None else self.limit_fired.value
         data["signal_name"] = self.signal_name
         data["schema"] = SCHEMA_VERSION

@@ -26,7 +26,7 @@ from .errors import ConfigError, HostError
 from .hostinfo import host_facts
 from .kernel import Kernel
 from .limits import LIMITS, Limits
-from .report import AppliedLimit, Report, StopReason
+from .report import AppliedLimit, CgroupHierarchy, Report, StopReason
 from .spec import Fallback, NetworkMode, Spec
 from .storelock import hold_store
 from .streams import MAX_BACKLOG, BufferSink, Sink
@@ -398,7 +398,7 @@ def _account(
             argv0=spec.argv[0],
         )
     )
-    cg_name = "none" if box is None else box.backend
+    cg_name = CgroupHierarchy.NONE if box is None else box.backend
     out, err = (s or _Stream(-1, BufferSink(), None) for s in run.streams)
     return Report(
         verdict=decision.verdict,

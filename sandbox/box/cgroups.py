@@ -20,7 +20,7 @@ from typing import NamedTuple, Protocol
 from ..errors import HostError
 from ..kernel import CLONE_NEWCGROUP, KernelOps
 from ..limits import Limits
-from ..report import AppliedLimit
+from ..report import AppliedLimit, CgroupHierarchy
 from ..units import format_cpu_list, parse_cpu_list
 from .plan import ChildPlan
 
@@ -47,7 +47,7 @@ class BoxCgroup(Protocol):
     same call that wrote it (:func:`_set`); ``cpu_source`` names where its CPU figure comes
     from."""
 
-    backend: str
+    backend: CgroupHierarchy
     cpu_source: str
     applied: dict[str, AppliedLimit]
 
@@ -63,7 +63,7 @@ class BoxCgroup(Protocol):
 class CgroupBackend(Protocol):
     """Creates box cgroups with limits applied."""
 
-    name: str
+    name: CgroupHierarchy
 
     def create(self, limits: Limits) -> BoxCgroup: ...
 
@@ -168,7 +168,7 @@ def parse_mountinfo(text: str) -> tuple[dict[str, Path], Path | None]:
 class V2Box:
     """A box cgroup on the unified hierarchy."""
 
-    backend = "cgroup2"
+    backend = CgroupHierarchy.V2
     cpu_source = "cgroup2 cpu.stat"
 
     def __init__(self, path: Path) -> None:
@@ -216,7 +216,7 @@ class V2Box:
 class CgroupV2:
     """Backend for the unified hierarchy; ``parent`` must have memory and pids delegated."""
 
-    name = "cgroup2"
+    name = CgroupHierarchy.V2
     CONTROLLERS = ("memory", "pids", "cpu", "cpuset")
 
     def __init__(self, parent: Path) -> None:
@@ -305,7 +305,7 @@ class CgroupV2:
 class V1Box:
     """A box's cgroups on the v1 hierarchies (one directory per controller)."""
 
-    backend = "cgroup1"
+    backend = CgroupHierarchy.V1
     cpu_source = "cgroup1 cpuacct.usage"
 
     def __init__(self, paths: dict[str, Path]) -> None:
@@ -381,7 +381,7 @@ class CgroupV1:
     """Backend for v1 hierarchies: memory (+memsw), pids, cpuacct, freezer; cpu and cpuset
     too for boxes whose limits need them (a box's cgroups cost ~0.1 ms per hierarchy)."""
 
-    name = "cgroup1"
+    name = CgroupHierarchy.V1
     CONTROLLERS = ("memory", "pids", "cpuacct", "freezer")
     OPTIONAL = ("cpu", "cpuset")
 
