@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import resource
 import selectors
@@ -26,7 +27,7 @@ from .errors import ConfigError, HostError
 from .hostinfo import host_facts
 from .image.lock import hold_store
 from .kernel import Kernel
-from .report import AppliedLimit, Report
+from .report import AppliedLimit, Report, SetupFailure
 from .spec import Fallback, Limits, NetworkMode, Spec
 from .streams import MAX_BACKLOG, BufferSink, Sink
 from .verdict import Observed, decide
@@ -60,7 +61,7 @@ class _Run:
     status: int | None = None
     program_usage: tuple[float, float, int] | None = None  # utime, stime, max RSS (bytes)
     tree_usage: tuple[float, float, int] | None = None  # no cgroup: user, system, memory peak
-    setup_error: str | None = None
+    setup_error: SetupFailure | None = None
     exec_errno: int | None = None
     killed_for: str | None = None
     forbidden: str | None = None
@@ -418,6 +419,7 @@ def _account(
         stderr_truncated=err.truncated,
         limit_fired=decision.limit_fired,
         error=decision.error,
+        setup_error=decision.setup_error,
         setup_time=round((run.exec_at or end) - run.started, 6),
         clamped=spec.clamped,
         host=host_facts(),
@@ -572,7 +574,12 @@ class _Supervisor:
         if run.exec_at is None:
             timeout = run.started + SETUP_TIMEOUT - now
             if timeout <= 0:
-                run.setup_error = f"box setup took longer than {SETUP_TIMEOUT:.0f}s"
+                run.setup_error = SetupFailure(
+                    "supervise_setup",
+                    "wait for the box's setup",
+                    errno.ETIMEDOUT,
+                    f"took longer than {SETUP_TIMEOUT:.0f}s",
+                )
                 self._kill("setup")
             return max(timeout, MIN_WAIT)
         timeout = run.exec_at + limits.wall_time + limits.extra_time - now
@@ -630,7 +637,6 @@ class _Supervisor:
         if why == b"p":
             self._kill("peer_exited")
         else:
-            self.run_state.setup_error = "the run was cancelled: its caller went away"
             self._kill("cancelled")
 
     def _kill(self, reason: str) -> None:
@@ -689,8 +695,7 @@ class _Supervisor:
                     self.receiver.hand_over(fds[0])
                     self.sel.register(self.receiver.sock, selectors.EVENT_READ, "notify")
             case protocol.SetupError(phase=phase, op=op, errno=err, detail=detail):
-                reason = detail or os.strerror(err)
-                run.setup_error = f"box setup failed in phase {phase}: {op}: {reason}"
+                run.setup_error = SetupFailure(phase, op, err, detail)
             case protocol.ExecError(errno=err):
                 run.exec_errno = err
             case protocol.Tree() as tree:

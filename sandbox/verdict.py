@@ -6,7 +6,7 @@ import os
 import signal
 from typing import NamedTuple
 
-from .report import Verdict, exec_failure_exit_code
+from .report import SetupFailure, Verdict, exec_failure_exit_code
 from .spec import Limits
 
 #: Limits the supervisor enforces by killing the box, and the verdict each one gives.
@@ -20,6 +20,9 @@ KILL_VERDICTS = {
     "peer_exited": Verdict.WALL_TIME_LIMIT,
 }
 
+CANCELLED = "the run was cancelled: its caller went away"
+NO_STATUS = "the box ended without reporting a status"
+
 
 # A NamedTuple rather than a dataclass: made at import several times faster, and every run
 # imports this module (docs/performance.md).
@@ -28,7 +31,7 @@ class Observed(NamedTuple):
 
     limits: Limits
     status: int | None  # the program's wait status, as its init reported it
-    setup_error: str | None
+    setup_error: SetupFailure | None
     exec_errno: int | None
     killed_for: str | None  # the first limit the supervisor killed the box for
     started: bool  # the program's execve was reached
@@ -46,14 +49,18 @@ class Decision(NamedTuple):
     signal: int | None
     limit_fired: str | None
     error: str | None
+    setup_error: SetupFailure | None = None  # where the setup failed, when ``error`` says so
 
 
 def decide(o: Observed) -> Decision:
     """Apply the documented order (docs/report.md): setup failure, exec failure, the first limit
     the supervisor enforced, a limit exceeded within its grace time, the kernel's OOM kill,
     SIGSYS and SIGXCPU, another signal, the exit code."""
-    if o.killed_for in ("cancelled", "setup") or (o.setup_error is not None and not o.started):
-        return Decision(Verdict.SANDBOX_ERROR, None, None, o.killed_for, o.setup_error)
+    if o.killed_for == "cancelled":
+        return Decision(Verdict.SANDBOX_ERROR, None, None, o.killed_for, CANCELLED)
+    if o.killed_for == "setup" or (o.setup_error is not None and not o.started):
+        error = o.setup_error.message() if o.setup_error else None
+        return Decision(Verdict.SANDBOX_ERROR, None, None, o.killed_for, error, o.setup_error)
     if o.exec_errno is not None:
         return Decision(
             Verdict.RUNTIME_ERROR,
@@ -66,13 +73,8 @@ def decide(o: Observed) -> Decision:
         killed_by = signal.SIGSYS if o.killed_for == "forbidden_syscall" else signal.SIGKILL
         return Decision(KILL_VERDICTS[o.killed_for], None, int(killed_by), o.killed_for, None)
     if o.status is None:
-        return Decision(
-            Verdict.SANDBOX_ERROR,
-            None,
-            None,
-            None,
-            o.setup_error or "the box ended without reporting a status",
-        )
+        error = o.setup_error.message() if o.setup_error else NO_STATUS
+        return Decision(Verdict.SANDBOX_ERROR, None, None, None, error, o.setup_error)
     exit_code = os.WEXITSTATUS(o.status) if os.WIFEXITED(o.status) else None
     sig: int | None = os.WTERMSIG(o.status) if os.WIFSIGNALED(o.status) else None
     # Within the grace time (extra_time) a program may still finish, but over its limit.
