@@ -70,8 +70,8 @@ def message(data: bytes) -> None:
         decoded = protocol.decode(data)
     except protocol.ProtocolError:
         return
-    again = protocol.decode(protocol.encode(decoded.kind, **decoded.fields))
-    if again != decoded:
+    again = protocol.decode(protocol.encode(decoded))
+    if type(again) is not type(decoded) or again != decoded:
         raise AssertionError(f"round trip changed {decoded} into {again}")
 
 

@@ -9,7 +9,7 @@
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, HostError, SandboxError
-from .report import AppliedLimit, Report, StopReason, Verdict
+from .report import AppliedLimit, Report, SetupFailure, StopReason, Verdict
 from .spec import Bind
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ __all__ = [
     "HostError",
     "Report",
     "SandboxError",
+    "SetupFailure",
     "StopReason",
     "Verdict",
     "run",

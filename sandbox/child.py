@@ -134,7 +134,7 @@ def exec_program(k: KernelOps, plan: ChildPlan) -> None:
     try:
         path = resolve_program(plan.argv[0], plan.env)
     except FileNotFoundError:
-        protocol.send(plan.sync, protocol.EXEC_ERROR, errno=2)
+        protocol.send(plan.sync, protocol.ExecError(errno=2))
         return
     try:
         listener = seccomp.child_install(k, plan)
@@ -146,27 +146,19 @@ def exec_program(k: KernelOps, plan: ChildPlan) -> None:
     # figures are the whole tree's): none of the cgroup's CPU is the sandbox's.
     protocol.send(
         plan.sync,
-        protocol.EXEC,
+        protocol.Exec(at=time.monotonic_ns(), cpu_ns=0),
         fds=(listener,) if plan.listener else (),
-        at=time.monotonic_ns(),
-        cpu_ns=0,
     )
     try:
         k.execve(path, plan.argv, plan.env)
     except OSError as e:
-        protocol.send(plan.sync, protocol.EXEC_ERROR, errno=e.errno or 0)
+        protocol.send(plan.sync, protocol.ExecError(errno=e.errno or 0))
 
 
 def _report(plan: ChildPlan, e: PhaseError) -> None:
     with contextlib.suppress(OSError):  # the supervisor is gone: exiting is all that is left
-        protocol.send(
-            plan.sync,
-            protocol.SETUP_ERROR,
-            phase=e.phase,
-            op=e.op[:200],
-            errno=e.err,
-            detail=e.detail[:500],
-        )
+        message = protocol.SetupError(e.phase, e.op[:200], e.err, e.detail[:500])
+        protocol.send(plan.sync, message)
 
 
 def _program(k: KernelOps, plan: ChildPlan) -> None:

@@ -2,8 +2,8 @@
 
 Program outcomes (a crash, a time limit, a forbidden syscall) are never exceptions: they are the
 verdict of a :class:`sandbox.report.Report`, and so is a box that failed during its own setup
-(verdict ``sandbox_error``, with the phase and errno in ``Report.error``). Only failures of the
-sandbox itself raise (before the box starts), and every one of them derives from
+(verdict ``sandbox_error``, with the phase and errno in ``Report.setup_error``). Only failures of
+the sandbox itself raise (before the box starts), and every one of them derives from
 :class:`SandboxError` so a caller can catch them in one place.
 
 =================  =============================================================  ========

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -10,7 +12,7 @@ from typing import Any
 
 from .errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SANDBOX_ERROR
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Verdict(StrEnum):
@@ -58,6 +60,32 @@ class AppliedLimit:
 
 
 @dataclass(frozen=True)
+class SetupFailure:
+    """Where the box's setup failed: the phase (a step of the box's, or of the supervisor's
+    around it), the operation in it, the errno it got (0 when no system call failed) and a
+    detail (the kernel's text, or why)."""
+
+    phase: str
+    operation: str
+    errno: int
+    detail: str = ""
+
+    @property
+    def errno_name(self) -> str | None:
+        """The errno's symbol, e.g. ``EACCES`` (None for 0 or a number Python does not know)."""
+        return errno.errorcode.get(self.errno) if self.errno else None
+
+    def message(self) -> str:
+        """The one line the CLI prints and the meta file carries."""
+        reason = self.detail or os.strerror(self.errno)
+        return f"box setup failed in phase {self.phase}: {self.operation}: {reason}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's ``setup_error`` object."""
+        return {**asdict(self), "errno_name": self.errno_name}
+
+
+@dataclass(frozen=True)
 class Report:
     """Everything known about a finished run. ``stdout``/``stderr`` are set for captured output."""
 
@@ -83,6 +111,8 @@ class Report:
     stderr_truncated: bool = False
     limit_fired: StopReason | None = None
     error: str | None = None
+    #: For a ``sandbox_error`` in the box's setup: where it failed (``error`` is its line).
+    setup_error: SetupFailure | None = None
     setup_time: float = 0.0
     clamped: tuple[str, ...] = ()
     host: dict[str, str | int | None] = field(default_factory=dict)
@@ -124,6 +154,7 @@ class Report:
         data["limit_fired"] = None if self.limit_fired is None else self.limit_fired.value
         data["signal_name"] = self.signal_name
         data["schema"] = SCHEMA_VERSION
+        data["setup_error"] = self.setup_error.to_dict() if self.setup_error else None
         return data
 
     def to_json(self) -> str:
@@ -132,6 +163,4 @@ class Report:
 
 def exec_failure_exit_code(err: int) -> int:
     """127 when the program does not exist, 126 when it exists but cannot be executed."""
-    import errno
-
     return EXIT_NOT_FOUND if err in (errno.ENOENT, errno.ENOTDIR) else EXIT_CANNOT_EXECUTE

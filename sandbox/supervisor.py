@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import resource
 import selectors
@@ -26,7 +27,7 @@ from .errors import ConfigError, HostError
 from .hostinfo import host_facts
 from .kernel import Kernel
 from .limits import LIMITS, Limits
-from .report import AppliedLimit, CgroupHierarchy, Report, StopReason
+from .report import AppliedLimit, CgroupHierarchy, Report, SetupFailure, StopReason
 from .spec import Fallback, NetworkMode, Spec
 from .storelock import hold_store
 from .streams import MAX_BACKLOG, BufferSink, Sink
@@ -61,7 +62,7 @@ class _Run:
     status: int | None = None
     program_usage: tuple[float, float, int] | None = None  # utime, stime, max RSS (bytes)
     tree_usage: tuple[float, float, int] | None = None  # no cgroup: user, system, memory peak
-    setup_error: str | None = None
+    setup_error: SetupFailure | None = None
     exec_errno: int | None = None
     killed_for: StopReason | None = None
     forbidden: str | None = None
@@ -423,6 +424,7 @@ def _account(
         stderr_truncated=err.truncated,
         limit_fired=decision.limit_fired,
         error=decision.error,
+        setup_error=decision.setup_error,
         setup_time=round((run.exec_at or end) - run.started, 6),
         clamped=spec.clamped,
         host=host_facts(),
@@ -555,7 +557,12 @@ class _Supervisor:
         if run.exec_at is None:
             timeout = run.started + SETUP_TIMEOUT - now
             if timeout <= 0:
-                run.setup_error = f"box setup took longer than {SETUP_TIMEOUT:.0f}s"
+                run.setup_error = SetupFailure(
+                    "supervise_setup",
+                    "wait for the box's setup",
+                    errno.ETIMEDOUT,
+                    f"took longer than {SETUP_TIMEOUT:.0f}s",
+                )
                 self._kill(StopReason.SETUP)
             return max(timeout, MIN_WAIT)
         timeout = run.exec_at + limits.wall_time + limits.extra_time - now
@@ -613,7 +620,6 @@ class _Supervisor:
         if why == b"p":
             self._kill(StopReason.PEER_EXITED)
         else:
-            self.run_state.setup_error = "the run was cancelled: its caller went away"
             self._kill(StopReason.CANCELLED)
 
     def _kill(self, reason: StopReason) -> None:
@@ -641,57 +647,54 @@ class _Supervisor:
 
     def _receive(self) -> None:
         try:
-            msg = protocol.receive(self.sock)
+            received = protocol.receive(self.sock)
         except (protocol.ProtocolError, ConnectionError):
-            msg = None
-        if msg is None:
+            received = None
+        if received is None:
             self.sel.unregister(self.sock)
             return
-        run, f = self.run_state, msg.fields
-        if msg.kind == protocol.UNSHARED:
-            userns.write_maps(msg.pid, self.spec.profile.uid, self.spec.profile.gid, self.ids)
-            if self.spec.link is not None:
-                from .box.network import attach
+        run, fds = self.run_state, received.fds
+        match received.message:
+            case protocol.Unshared():
+                userns.write_maps(
+                    received.pid, self.spec.profile.uid, self.spec.profile.gid, self.ids
+                )
+                if self.spec.link is not None:
+                    from .box.network import attach
 
-                attach(self.spec.link, msg.pid)
-            protocol.send(self.sock, protocol.GO)
-            if self.handoff is not None:  # queued for the box's pid 1, once it is native
-                boxinit.send_prepare(self.sock, self.handoff.entry)
-                self.handoff.release(self.handoff.entry)
-        elif msg.kind == protocol.READY and self.handoff is not None:
-            self.handoff.ready = True
-        elif msg.kind == protocol.EXEC:
-            run.exec_at = int(f["at"]) / 1e9
-            run.cpu_baseline = int(f["cpu_ns"]) / 1e9
-            for fd in msg.fds:
-                run.listeners.append(fd)
-            if msg.fds and self.receiver is not None:
-                self.receiver.hand_over(msg.fds[0])
-                self.sel.register(self.receiver.sock, selectors.EVENT_READ, "notify")
-        elif msg.kind == protocol.SETUP_ERROR:
-            reason = str(f["detail"]) or os.strerror(int(f["errno"]))
-            run.setup_error = f"box setup failed in phase {f['phase']}: {f['op']}: {reason}"
-        elif msg.kind == protocol.EXEC_ERROR:
-            run.exec_errno = int(f["errno"])
-        elif msg.kind == protocol.TREE:
-            run.tree_usage = (
-                int(f["user_us"]) / 1e6,
-                int(f["system_us"]) / 1e6,
-                int(f["memory_peak"]),
-            )
-            limit = str(f["limit"])
-            if limit in (StopReason.CPU_TIME, StopReason.MEMORY) and run.killed_for is None:
-                # Init has killed the tree already; the box ends with it as it ends for ours.
-                run.killed_for, run.killed_at = StopReason(limit), int(f["at"]) / 1e9
-                self._kill(run.killed_for)
-        elif msg.kind == protocol.EXITED:
-            run.status = int(f["status"])
-            run.exited_at = int(f["at"]) / 1e9
-            run.program_usage = (
-                int(f["utime_us"]) / 1e6,
-                int(f["stime_us"]) / 1e6,
-                int(f["maxrss_kb"]) * 1024,
-            )
+                    attach(self.spec.link, received.pid)
+                protocol.send(self.sock, protocol.Go())
+                if self.handoff is not None:  # queued for the box's pid 1, once it is native
+                    boxinit.send_prepare(self.sock, self.handoff.entry)
+                    self.handoff.release(self.handoff.entry)
+            case protocol.Ready() if self.handoff is not None:
+                self.handoff.ready = True
+            case protocol.Exec(at=at, cpu_ns=cpu_ns):
+                run.exec_at = at / 1e9
+                run.cpu_baseline = cpu_ns / 1e9
+                for fd in fds:
+                    run.listeners.append(fd)
+                if fds and self.receiver is not None:
+                    self.receiver.hand_over(fds[0])
+                    self.sel.register(self.receiver.sock, selectors.EVENT_READ, "notify")
+            case protocol.SetupError(phase=phase, op=op, errno=err, detail=detail):
+                run.setup_error = SetupFailure(phase, op, err, detail)
+            case protocol.ExecError(errno=err):
+                run.exec_errno = err
+            case protocol.Tree() as tree:
+                run.tree_usage = (tree.user_us / 1e6, tree.system_us / 1e6, tree.memory_peak)
+                if tree.limit in (StopReason.CPU_TIME, StopReason.MEMORY) and not run.killed_for:
+                    # Init has killed the tree already; the box ends with it as it ends for ours.
+                    run.killed_for, run.killed_at = StopReason(tree.limit), tree.at / 1e9
+                    self._kill(run.killed_for)
+            case protocol.Exited() as exited:
+                run.status = exited.status
+                run.exited_at = exited.at / 1e9
+                run.program_usage = (
+                    exited.utime_us / 1e6,
+                    exited.stime_us / 1e6,
+                    exited.maxrss_kb * 1024,
+                )
 
     def _drain(self) -> None:
         """After the setup process is gone: the last messages and the rest of the output."""

@@ -7,7 +7,7 @@ import signal
 from typing import NamedTuple
 
 from .limits import LIMITS, Limits
-from .report import StopReason, Verdict, exec_failure_exit_code
+from .report import SetupFailure, StopReason, Verdict, exec_failure_exit_code
 
 #: Why the supervisor killed a box, and the verdict that gives: each limit's own from the
 #: registry (memory is killed for by the box init without a cgroup, box/treelimits.py), then
@@ -19,6 +19,9 @@ KILL_VERDICTS: dict[StopReason, Verdict] = {
     StopReason.PEER_EXITED: Verdict.WALL_TIME_LIMIT,
 }
 
+CANCELLED = "the run was cancelled: its caller went away"
+NO_STATUS = "the box ended without reporting a status"
+
 
 # A NamedTuple rather than a dataclass: made at import several times faster, and every run
 # imports this module (docs/performance.md).
@@ -27,7 +30,7 @@ class Observed(NamedTuple):
 
     limits: Limits
     status: int | None  # the program's wait status, as its init reported it
-    setup_error: str | None
+    setup_error: SetupFailure | None
     exec_errno: int | None
     killed_for: StopReason | None  # why the supervisor killed the box, first
     started: bool  # the program's execve was reached
@@ -45,16 +48,18 @@ class Decision(NamedTuple):
     signal: int | None
     limit_fired: StopReason | None
     error: str | None
+    setup_error: SetupFailure | None = None  # where the setup failed, when ``error`` says so
 
 
 def decide(o: Observed) -> Decision:
     """Apply the documented order (docs/report.md): setup failure, exec failure, the first limit
     the supervisor enforced, a limit exceeded within its grace time, the kernel's OOM kill,
     SIGSYS and SIGXCPU, another signal, the exit code."""
-    if o.killed_for in (StopReason.CANCELLED, StopReason.SETUP) or (
-        o.setup_error is not None and not o.started
-    ):
-        return Decision(Verdict.SANDBOX_ERROR, None, None, o.killed_for, o.setup_error)
+    if o.killed_for is StopReason.CANCELLED:
+        return Decision(Verdict.SANDBOX_ERROR, None, None, o.killed_for, CANCELLED)
+    if o.killed_for is StopReason.SETUP or (o.setup_error is not None and not o.started):
+        error = o.setup_error.message() if o.setup_error else None
+        return Decision(Verdict.SANDBOX_ERROR, None, None, o.killed_for, error, o.setup_error)
     if o.exec_errno is not None:
         return Decision(
             Verdict.RUNTIME_ERROR,
@@ -68,13 +73,8 @@ def decide(o: Observed) -> Decision:
         killed_by = signal.SIGSYS if by_seccomp else signal.SIGKILL
         return Decision(KILL_VERDICTS[o.killed_for], None, int(killed_by), o.killed_for, None)
     if o.status is None:
-        return Decision(
-            Verdict.SANDBOX_ERROR,
-            None,
-            None,
-            None,
-            o.setup_error or "the box ended without reporting a status",
-        )
+        error = o.setup_error.message() if o.setup_error else NO_STATUS
+        return Decision(Verdict.SANDBOX_ERROR, None, None, None, error, o.setup_error)
     exit_code = os.WEXITSTATUS(o.status) if os.WIFEXITED(o.status) else None
     sig: int | None = os.WTERMSIG(o.status) if os.WIFSIGNALED(o.status) else None
     # Within the grace time (extra_time) a program may still finish, but over its limit.

@@ -105,21 +105,22 @@ def child_reap_until_the_program_exits(k: KernelOps, plan: ChildPlan, program: i
         else:
             fired, reaped = watch.step()
             if fired is not None:
-                protocol.send(plan.sync, protocol.TREE, (), limit=fired, **watch.figures())
+                protocol.send(plan.sync, watch.message(fired))
             if reaped is None:
                 continue
             pid, status, usage = reaped
         if pid == program:
             if watch is not None:  # the program's process is reaped: its CPU is init's now
                 watch.sample()
-                protocol.send(plan.sync, protocol.TREE, (), limit="", **watch.figures())
+                protocol.send(plan.sync, watch.message(""))
             protocol.send(
                 plan.sync,
-                protocol.EXITED,
-                status=status,
-                at=time.monotonic_ns(),
-                utime_us=int(usage.ru_utime * 1e6),
-                stime_us=int(usage.ru_stime * 1e6),
-                maxrss_kb=usage.ru_maxrss,
+                protocol.Exited(
+                    status=status,
+                    at=time.monotonic_ns(),
+                    utime_us=int(usage.ru_utime * 1e6),
+                    stime_us=int(usage.ru_stime * 1e6),
+                    maxrss_kb=usage.ru_maxrss,
+                ),
             )
             return

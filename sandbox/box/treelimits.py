@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 from ..kernel import KernelOps
 from ..limits import Limits
+from ..protocol import Tree
 from ..report import AppliedLimit, StopReason
 
 #: How the report names the mechanisms (docs/profiles.md, "Without cgroups").
@@ -210,14 +211,15 @@ class TreeWatch:
         self.due = time.monotonic() + wait
         return now
 
-    def figures(self) -> dict[str, int]:
-        """The last sample as the fields of a ``tree`` message."""
-        return {
-            "at": self.sampled_at,
-            "user_us": round(self.last.user * 1e6),
-            "system_us": round(self.last.system * 1e6),
-            "memory_peak": self.memory_peak,
-        }
+    def message(self, limit: str) -> Tree:
+        """The last sample as the message to the supervisor, for ``limit`` ("" for none)."""
+        return Tree(
+            limit=limit,
+            at=self.sampled_at,
+            user_us=round(self.last.user * 1e6),
+            system_us=round(self.last.system * 1e6),
+            memory_peak=self.memory_peak,
+        )
 
     def _reap(self) -> tuple[int, int, resource.struct_rusage] | None:
         try:

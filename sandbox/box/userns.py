@@ -176,9 +176,9 @@ def child_unshare_namespaces(k: KernelOps, plan: ChildPlan) -> None:
 def child_await_id_maps(k: KernelOps, plan: ChildPlan) -> None:
     """The supervisor writes ``setgroups=deny``, ``uid_map`` and ``gid_map`` from outside
     (:func:`write_maps`)."""
-    protocol.send(plan.sync, protocol.UNSHARED)
+    protocol.send(plan.sync, protocol.Unshared())
     reply = plan.sync.recv(protocol.MAX_MESSAGE)
-    if not reply or protocol.decode(reply).kind != protocol.GO:
+    if not reply or not isinstance(protocol.decode(reply), protocol.Go):
         raise PhaseError("await_id_maps", "wait for the supervisor", 0, "supervisor went away")
 
 

@@ -45,6 +45,19 @@ def test_binds_and_limits_as_keywords(tmp_path):
     assert "pids" in report.limits["pids"].mechanism
 
 
+def test_a_setup_failure_is_a_structured_object_of_the_report(tmp_path):
+    """A mount point inside a bound file: the box's mount_root fails with ENOTDIR, and the
+    report (through the helper) says so as data, not only as prose."""
+    (tmp_path / "file").write_text("x\n")
+    os.chmod(tmp_path, 0o755)
+    report = sandbox.run(["true"], binds=[(str(tmp_path / "file"), "/box/f"),
+                                          (str(tmp_path), "/box/f/x")])
+    failure = report.setup_error
+    assert report.verdict is Verdict.SANDBOX_ERROR and isinstance(failure, sandbox.SetupFailure)
+    assert (failure.phase, failure.errno, failure.errno_name) == ("mount_root", 20, "ENOTDIR")
+    assert failure.operation.endswith("/box/f/x") and report.error == failure.message()
+
+
 def test_invalid_requests_raise_config_errors():
     with pytest.raises(sandbox.ConfigError, match="no such profile"):
         sandbox.run(["true"], profile="missing")

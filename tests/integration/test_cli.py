@@ -45,7 +45,7 @@ def test_the_issue_example_prints_42(tmp_path):
     for key in ("verdict", "exit_code", "signal", "cpu_time", "wall_time", "memory_peak",
                 "forbidden_syscall", "profile"):
         assert key in data
-    assert data["verdict"] == "ok" and data["profile"] == "strict" and data["schema"] == 1
+    assert data["verdict"] == "ok" and data["profile"] == "strict" and data["schema"] == 2
     assert data["cgroup"] in ("cgroup1", "cgroup2")
     assert 0 < data["wall_time"] < 10 and data["memory_peak"] > 0
 
@@ -428,3 +428,24 @@ def test_a_box_that_fails_before_its_run_still_writes_its_report(tmp_path):
     assert result.returncode == 125
     verdict = json.loads(report.read_text())
     assert verdict["verdict"] == "sandbox_error" and "mount_root" in verdict["error"]
+
+
+def test_a_setup_failure_is_reported_as_phase_operation_and_errno(tmp_path):
+    """The box's own words on why its setup failed reach the JSON report as an object, and
+    the one-line error on stderr is made from it."""
+    source = tmp_path / "file"
+    source.write_text("x\n")
+    os.chmod(tmp_path, 0o755)
+    report = tmp_path / "report.json"
+    result = run_cli("exec", "--bind", f"{source}:/data", "--bind", f"{tmp_path}:/data/x",
+                     "--report", str(report), "--", "true")
+    data = json.loads(report.read_text())
+    assert data["schema"] == 2 and data["verdict"] == "sandbox_error"
+    # The mount point /data/x would be inside the bound file: mkdir under it fails.
+    failure = data["setup_error"]
+    assert failure == {"phase": "mount_root", "operation": failure["operation"], "errno": 20,
+                       "errno_name": "ENOTDIR", "detail": "Not a directory"}
+    assert failure["operation"].endswith("/data/x")
+    line = f"box setup failed in phase mount_root: {failure['operation']}: Not a directory"
+    assert data["error"] == line
+    assert f"sandbox: {line}".encode() in result.stderr

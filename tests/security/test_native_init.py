@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from sandbox import boxinit
+from sandbox import boxinit, protocol
 from sandbox.native.build import build
 from tests.conftest import ROOT
 
@@ -78,12 +78,13 @@ def test_a_failing_step_with_a_long_path_is_reported_whole(binaries):
     messages = drive(ours, request(cwd))
     _, stderr = proc.communicate(timeout=30)
     assert b"AddressSanitizer" not in stderr, stderr.decode(errors="replace")[:2000]
-    decoded = [json.loads(m) for m in messages]
-    assert [m["t"] for m in decoded] == ["ready", "error", "exit"]
+    decoded = [protocol.decode(m) for m in messages]  # the supervisor's decoder takes them
+    assert [type(m) for m in decoded] == [protocol.Ready, protocol.SetupError, protocol.Exited]
     error = decoded[1]
-    assert error["phase"] == "chdir" and error["errno"] == 2
-    assert error["detail"] == "No such file or directory"
-    assert cwd.startswith(error["op"]) and len(error["op"]) > 200
+    assert isinstance(error, protocol.SetupError)
+    assert error.phase == "chdir" and error.errno == 2
+    assert error.detail == "No such file or directory"
+    assert cwd.startswith(error.op) and len(error.op) > 200
 
 
 DRIVER = textwrap.dedent(

@@ -1,14 +1,13 @@
 """The native box init's order of steps, checked on its recording build (no privileges), and
 its request parser on the stored fuzz corpus."""
 
-import json
 import os
 import socket
 import subprocess
 
 import pytest
 
-from sandbox import boxinit
+from sandbox import boxinit, protocol
 from sandbox.native.build import build
 
 REQUEST = boxinit.RunRequest(
@@ -37,7 +36,7 @@ def _messages(sock):
             os.close(fd)
         if not data:
             return out
-        out.append(json.loads(data))
+        out.append(protocol.decode(data))  # what the supervisor's decoder makes of it
 
 
 def _drive(recording, request=REQUEST):
@@ -54,7 +53,7 @@ def _drive(recording, request=REQUEST):
     cgroup = [os.open(os.devnull, os.O_WRONLY) for _ in range(2)]
     tree = os.open(os.devnull, os.O_RDONLY)
     boxinit.send_prepare(ours, tuple(cgroup))
-    ready = json.loads(ours.recv(4096))
+    ready = protocol.decode(ours.recv(4096))
     stdio = (0, 1, 2)
     boxinit.send_run(ours, request, stdio, (tree,) * len(request.binds))
     for fd in (*cgroup, tree):
@@ -99,8 +98,8 @@ def test_runner_steps_come_in_the_documented_order(recording):
         "seccomp",
         "execve",
     ]
-    assert [m["t"] for m in messages] == ["ready", "exec", "exec_error"]
-    assert messages[2]["errno"] == 2  # the recording execve fails with ENOENT
+    assert [type(m) for m in messages] == [protocol.Ready, protocol.Exec, protocol.ExecError]
+    assert messages[2].errno == 2  # the recording execve fails with ENOENT
 
 
 def test_a_request_the_parser_refuses_is_a_structured_setup_error(recording):
@@ -108,6 +107,6 @@ def test_a_request_the_parser_refuses_is_a_structured_setup_error(recording):
     bad = boxinit.RunRequest(**{**REQUEST.__dict__, "cwd": "box"})
     steps, messages = _drive(recording, bad)
     assert "setresuid" not in steps and "seccomp" not in steps
-    assert messages[-1]["t"] == "error"
-    assert messages[-1]["phase"] == "receive_run"
-    assert messages[-1]["op"] == "bad working directory"
+    failed = messages[-1]
+    assert isinstance(failed, protocol.SetupError)
+    assert (failed.phase, failed.op) == ("receive_run", "bad working directory")

@@ -80,7 +80,7 @@ def plan():
 
 def test_setup_phases_drop_groups_then_unshare_user_first_then_wait_for_maps(plan):
     p, supervisor = plan
-    supervisor.send(protocol.encode(protocol.GO))
+    supervisor.send(protocol.encode(protocol.Go()))
     k = RecordingKernel()
     child._run_phases(k, p, child.SETUP_PHASES)
     assert k.names == ["set_pdeathsig", "close_fds_except", "setgroups", "setrlimit", "seteuid",
@@ -93,7 +93,7 @@ def test_setup_phases_drop_groups_then_unshare_user_first_then_wait_for_maps(pla
     assert calls[4][1] == (100_000_005,) and calls[3][1] == (11, 1024)
     flags = calls[6][1][0]
     assert flags & CLONE_NEWUSER and not flags & CLONE_NEWCGROUP
-    assert protocol.receive(supervisor).kind == protocol.UNSHARED
+    assert isinstance(protocol.receive(supervisor).message, protocol.Unshared)
 
 
 def test_program_phases_end_with_privileges_dropped_then_seccomp_then_execve(plan):
@@ -116,7 +116,7 @@ def test_program_phases_end_with_privileges_dropped_then_seccomp_then_execve(pla
     assert names.index("unblock_signals") < names.index("install_seccomp")
     assert k.calls[names.index("close_fds_except")][1][0] == (0, 1, 2, p.sync.fileno())
     assert names[:2] == ["close", "read"]  # it waits for the root before all else
-    assert protocol.receive(supervisor).kind == protocol.EXEC
+    assert isinstance(protocol.receive(supervisor).message, protocol.Exec)
 
 
 def test_phase_lists_keep_the_documented_order():
@@ -148,8 +148,8 @@ def test_a_missing_program_is_reported_before_seccomp(plan):
     k = RecordingKernel()
     child.exec_program(k, p)
     assert "install_seccomp" not in k.names
-    msg = protocol.receive(supervisor)
-    assert msg.kind == protocol.EXEC_ERROR and msg.fields["errno"] == 2
+    failed = protocol.receive(supervisor).message
+    assert isinstance(failed, protocol.ExecError) and failed.errno == 2
 
 
 def test_program_lookup_follows_path_like_execvp(tmp_path):
@@ -224,8 +224,8 @@ def test_the_python_init_forks_its_program_first_then_builds_the_root_and_reaps_
         "default_signal", "wait4", "wait4",
     ]
     assert ("write", (p.root_ready[1], b"1")) in k.calls  # the root is announced last
-    msg = protocol.receive(supervisor)
-    assert msg.kind == protocol.EXITED and msg.fields["status"] == 0
+    exited = protocol.receive(supervisor).message
+    assert isinstance(exited, protocol.Exited) and exited.status == 0
 
 
 def test_the_python_inits_program_process_runs_its_phases_after_the_fork(plan):
@@ -237,7 +237,7 @@ def test_the_python_inits_program_process_runs_its_phases_after_the_fork(plan):
     assert names[:4] == ["set_pdeathsig", "fork", "close", "read"]  # it waits for the root
     assert "mount" not in names  # the root is init's job
     assert names[-3:] == ["install_seccomp", "execve", "exit"]
-    assert protocol.receive(supervisor).kind == protocol.EXEC
+    assert isinstance(protocol.receive(supervisor).message, protocol.Exec)
 
 
 def _native(p):
@@ -247,7 +247,7 @@ def _native(p):
 
 def test_the_native_setup_process_forks_init_then_waits_as_boxinit_hold(plan):
     p, supervisor = plan
-    supervisor.send(protocol.encode(protocol.GO))
+    supervisor.send(protocol.encode(protocol.Go()))
     k = RecordingKernel(forks=(42,), reaped=(42,))
     child._setup(k, _native(p))
     names = k.names
@@ -261,7 +261,7 @@ def test_the_native_init_builds_the_root_then_becomes_boxinit_keeping_its_capabi
     from sandbox.box.caps import NATIVE_INIT_CAPABILITIES
 
     p, supervisor = plan
-    supervisor.send(protocol.encode(protocol.GO))
+    supervisor.send(protocol.encode(protocol.Go()))
     k = RecordingKernel(forks=(0,))
     with pytest.raises(Exited) as ended:
         child._setup(k, _native(p))
@@ -278,9 +278,9 @@ def test_the_native_init_builds_the_root_then_becomes_boxinit_keeping_its_capabi
     assert ("set_real_ids", (4_000_000_000, 4_000_000_000)) in k.calls
     assert ("keep_capabilities_across_exec", (NATIVE_INIT_CAPABILITIES,)) in k.calls
     assert ("exec_fd", (5, ("boxinit", "init", str(sync)))) in k.calls
-    assert protocol.receive(supervisor).kind == protocol.UNSHARED
-    msg = protocol.receive(supervisor)
-    assert msg.kind == protocol.SETUP_ERROR and msg.fields["phase"] == "become_native_init"
+    assert isinstance(protocol.receive(supervisor).message, protocol.Unshared)
+    failed = protocol.receive(supervisor).message
+    assert isinstance(failed, protocol.SetupError) and failed.phase == "become_native_init"
 
 
 def test_every_phase_is_a_child_step_of_its_concern_module():
