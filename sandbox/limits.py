@@ -79,6 +79,12 @@ class Limit(NamedTuple):
     unset: str  # how an absent value reads
 
     @property
+    def needs_fallback(self) -> bool:
+        """Without a cgroup, a per-process rlimit stands in for it: only a profile with
+        ``fallback = "rlimit"`` may run it so."""
+        return Enforcer.RLIMIT in self.without_cgroup and Enforcer.RLIMIT not in self.enforcers
+
+    @property
     def reason(self) -> StopReason | None:
         """The stop reason a kill for this limit records, if the sandbox kills for it."""
         return StopReason(self.name) if self.verdict is not None else None

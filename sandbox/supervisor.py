@@ -81,16 +81,20 @@ def _check_host(spec: Spec, backend: cgroups.CgroupBackend | HostError) -> None:
         )
     if not isinstance(backend, HostError):
         return
-    limits = spec.limits
-    if limits.cpu_quota is not None or limits.cpus is not None:
+    # The registry says what enforces each limit without a cgroup: nothing (refused), or a
+    # per-process rlimit in the cgroup's place, which the profile must allow (fallback).
+    asked = [name for name in LIMITS if getattr(spec.limits, name) is not None]
+    impossible = [name for name in asked if not LIMITS[name].without_cgroup]
+    if impossible:
         raise HostError(
-            f"cannot enforce cpu_quota or cpus without cgroups: {backend.message}",
+            f"cannot enforce {' or '.join(impossible)} without cgroups: {backend.message}",
             hint=backend.hint,
         )
-    needs_cgroup = limits.memory is not None or limits.pids is not None
-    if needs_cgroup and spec.profile.fallback is not Fallback.RLIMIT:
+    fallback = [name for name in asked if LIMITS[name].needs_fallback]
+    if fallback and spec.profile.fallback is not Fallback.RLIMIT:
         raise HostError(
-            f"cannot enforce the memory and pids limits: {backend.message}", hint=backend.hint
+            f"cannot enforce the {' and '.join(fallback)} limits: {backend.message}",
+            hint=backend.hint,
         )
 
 

@@ -138,3 +138,30 @@ def test_the_documented_registry_is_the_registry():
                  ", ".join(x.value for x in e.enforcers), without,
                  e.verdict.value if e.verdict else "-"]
         assert rows.get(name) == "| " + " | ".join(cells) + " |", name
+
+
+@pytest.mark.parametrize("name", list(LIMITS))
+def test_without_a_cgroup_a_limit_runs_only_as_the_registry_allows(name):
+    """Fail closed: a limit nothing enforces without a cgroup is refused; one an rlimit stands
+    in for needs the profile's fallback; the rest run."""
+    import dataclasses
+
+    from sandbox.errors import HostError
+    from sandbox.request import Request, resolve
+    from sandbox.spec import Fallback
+    from sandbox.supervisor import _check_host
+
+    spec = resolve(Request(argv=["true"]))
+    only = Limits(**{name: getattr(every_limit(), name)})
+    spec = dataclasses.replace(spec, limits=only)
+    entry = LIMITS[name]
+    refused = not entry.without_cgroup or entry.needs_fallback
+    no_cgroup = HostError("no cgroup here")
+    if refused:
+        with pytest.raises(HostError, match=name):
+            _check_host(spec, no_cgroup)
+    else:
+        _check_host(spec, no_cgroup)
+    allowed = dataclasses.replace(spec.profile, fallback=Fallback.RLIMIT)
+    if entry.without_cgroup:
+        _check_host(dataclasses.replace(spec, profile=allowed), no_cgroup)
