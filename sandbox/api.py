@@ -22,15 +22,16 @@ from typing import TYPE_CHECKING
 from . import helper, logs
 from .errors import ConfigError, HostError, SandboxError
 from .group import GroupReport, load_group
+from .repeat import check_repeat, summarize
 from .report import Report
 from .request import Request, resolve
-from .spec import Bind
+from .spec import Bind, Spec
 
 if TYPE_CHECKING:
     from typing import Unpack
 
     from .limits import LimitKeywords
-from .streams import read_capture
+from .streams import read_all, read_capture, sealed_input
 
 BindLike = Bind | tuple[str, str] | tuple[str, str, bool]
 
@@ -151,14 +152,7 @@ def _stdin_fd(stdin: bytes | str | int | None) -> int:
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     if isinstance(stdin, int):
         return os.dup(stdin)
-    data = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
-    fd = os.memfd_create("sandbox-stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    # Sealed read-only: the box could open it again for writing (a memfd is 0777) and change
-    # what a caller reusing the bytes would see.
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
-    return fd
+    return sealed_input(stdin.encode() if isinstance(stdin, str) else bytes(stdin))
 
 
 def run(
@@ -175,6 +169,7 @@ def run(
     binds: Sequence[BindLike] = (),
     env: Mapping[str, str] | None = None,
     image: str | None = None,
+    repeat: int = 1,
     **limits: Unpack[LimitKeywords],
 ) -> Report:
     """Run ``argv`` in a new box and return its report (captured output in ``stdout``/``stderr``).
@@ -190,7 +185,10 @@ def run(
     :class:`~sandbox.errors.SandboxError` for invalid requests and hosts that cannot honour the
     profile; everything the program does is in the report's verdict. ``image`` runs on an
     image of the store (its Entrypoint/Cmd, Env and WorkingDir apply; an empty ``argv`` runs
-    its command); ``root_size`` makes the root writable with that much room.
+    its command); ``root_size`` makes the root writable with that much room. ``repeat=N``
+    runs the request in N fresh boxes and returns their summary (sandbox/repeat.py: median
+    figures, the first failed run's outcome and output, every run in ``runs``); the given
+    ``stdout``/``stderr`` descriptors get the first run's output.
     """
     attributes = {
         k: v
@@ -198,6 +196,7 @@ def run(
         if v is not None
     }
     _check_keywords(attributes, stdin, {"stdout": stdout, "stderr": stderr}, binds, env)
+    count = check_repeat(repeat)
     spec = resolve(
         Request(
             argv=argv,  # resolve refuses a string (which list() would split into letters)
@@ -210,6 +209,20 @@ def run(
             image=image,
         )
     )
+    if count > 1 and isinstance(stdin, int):
+        stdin = read_all(stdin)  # every run reads the same input from its start
+    runs = [
+        _run_spec(spec, stdin, stdout if i == 0 else None, stderr if i == 0 else None)
+        for i in range(count)
+    ]
+    return summarize(runs)
+
+
+def _run_spec(
+    spec: Spec, stdin: bytes | str | int | None, stdout: int | None, stderr: int | None
+) -> Report:
+    """One run of ``spec`` through the helper, its output captured where no descriptor is
+    given."""
     outputs = [os.dup(fd) for fd in (stdout, stderr) if fd is not None]
     request = helper.Request(spec, stdout is not None, stderr is not None)
     result, captures = _call(request, [_stdin_fd(stdin), *outputs])

@@ -147,6 +147,11 @@ def _exec_arguments(ex: argparse.ArgumentParser) -> None:
     ex.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     for name, entry in LIMITS.items():
         ex.add_argument(entry.flag, dest=name, metavar="N", help=entry.help)
+    ex.add_argument(
+        "--repeat",
+        metavar="N",
+        help="run N times in fresh boxes; report median figures and the first failure",
+    )
     ex.add_argument("--report", metavar="FILE", help="write the JSON report here")
     ex.add_argument("--meta", metavar="FILE", help="write an isolate-style key:value meta file")
     ex.add_argument("--stdin", metavar="FILE", help="read the program's stdin from FILE")
@@ -244,8 +249,9 @@ class _RunFiles:
 
 def _exec(args: argparse.Namespace) -> int:
     from .errors import ConfigError
+    from .repeat import check_repeat, summarize
     from .request import Request, parse_bind, resolve
-    from .streams import FdSink
+    from .streams import DiscardSink, FdSink, read_all, sealed_input
     from .supervisor import run_box
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -273,14 +279,30 @@ def _exec(args: argparse.Namespace) -> int:
         env=env,
         image=args.image,
     )
+    count = 1 if args.repeat is None else check_repeat(args.repeat, "--repeat")
     spec = resolve(request)
     for note in spec.clamped:
         print(f"sandbox: clamped by policy: {note}", file=sys.stderr)
     files = _RunFiles(args, ("stdout", "stderr", "report", "meta"))
     try:
-        report = run_box(
-            spec, files.stdin, FdSink(files.fd("stdout", 1)), FdSink(files.fd("stderr", 2))
-        )
+        if count == 1:
+            report = run_box(
+                spec, files.stdin, FdSink(files.fd("stdout", 1)), FdSink(files.fd("stderr", 2))
+            )
+        else:  # each run reads the same input; the first one's output passes through
+            data, runs = read_all(files.stdin), []
+            for i in range(count):
+                stdin = sealed_input(data)
+                try:
+                    out, err = (
+                        (FdSink(files.fd("stdout", 1)), FdSink(files.fd("stderr", 2)))
+                        if i == 0
+                        else (DiscardSink(), DiscardSink())
+                    )
+                    runs.append(run_box(spec, stdin, out, err))
+                finally:
+                    os.close(stdin)
+            report = summarize(runs)
         if args.log_level in ("debug", "info"):  # below that the event would be filtered
             from . import logs  # here: logging and structlog cost a run that logs nothing
 

@@ -121,6 +121,8 @@ class Report:
     ended_at: float | None = field(default=None, repr=False, compare=False)
     stdout: bytes | None = field(default=None, repr=False)
     stderr: bytes | None = field(default=None, repr=False)
+    #: With ``repeat=N`` (sandbox/repeat.py): every run's own report; this one summarizes them.
+    runs: tuple[Report, ...] = field(default=(), repr=False)
 
     @property
     def ok(self) -> bool:
@@ -155,6 +157,7 @@ class Report:
         data["signal_name"] = self.signal_name
         data["schema"] = SCHEMA_VERSION
         data["setup_error"] = self.setup_error.to_dict() if self.setup_error else None
+        data["runs"] = [run.to_dict() for run in self.runs]
         return data
 
     def to_json(self) -> str:

@@ -91,6 +91,33 @@ class MemfdSink(_Capture):
             view = view[os.write(self.fd, view) :]
 
 
+class DiscardSink(_Capture):
+    """Count and drop (the output of a repeated run after the first, ``--repeat``)."""
+
+    def write(self, data: bytes) -> None:
+        return None
+
+
+def sealed_input(data: bytes) -> int:
+    """A memory file holding ``data`` for a program's stdin, sealed read-only: the box could
+    open it again for writing (a memfd is 0777) and change what a later reader would see."""
+    fd = os.memfd_create("sandbox-stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+    return fd
+
+
+def read_all(fd: int) -> bytes:
+    """Everything left to read from ``fd`` (every repeated run reads the same input)."""
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def read_capture(fd: int) -> bytes:
     """The whole content of a :class:`MemfdSink`'s file (closes ``fd``)."""
     try:
