@@ -203,6 +203,17 @@ class Limits:
         fallback_rlimit="NPROC",
         most=1 << 22,  # PID_MAX_LIMIT on 64-bit
     )
+    # isolate's -m and DMOJ's memory limit: each process's address space (RLIMIT_AS), so a
+    # large malloc or new fails inside the program instead of the kernel killing it.
+    address_space: int | None = limit(
+        None,
+        Unit.BYTES,
+        "--address-space",
+        "address space of each process (RLIMIT_AS: a large malloc fails in the program)",
+        enforcers=(_RLIMIT,),
+        rlimit="AS",
+        floor=1 << 20,
+    )
     fsize: int | None = limit(
         None, Unit.BYTES, "--fsize", "largest file", enforcers=(_RLIMIT,), rlimit="FSIZE"
     )
@@ -302,6 +313,7 @@ class LimitKeywords(TypedDict, total=False):
     cpu_time: float | str | None
     memory: int | str | None
     pids: int | None
+    address_space: int | str | None
     fsize: int | str | None
     open_files: int | None
     stack: int | str | None

@@ -19,18 +19,20 @@ def table(
 ) -> tuple[tuple[tuple[int, int], ...], dict[str, AppliedLimit]]:
     """The rlimit table for the program, and each limit it enforces as applied: the registry
     names each limit's rlimit, and its ``fallback_rlimit`` without a cgroup."""
-    table: list[tuple[int, int]] = [(resource.RLIMIT_CORE, 0)]
+    table: dict[int, int] = {resource.RLIMIT_CORE: 0}
     applied = {"core": AppliedLimit(0, "RLIMIT_CORE")}
     for name, entry in LIMITS.items():
         rlimit = entry.rlimit or (entry.fallback_rlimit if fallback else None)
         value = getattr(limits, name)
         if rlimit is not None and value is not None:
-            table.append((getattr(resource, f"RLIMIT_{rlimit}"), int(value)))
+            which = getattr(resource, f"RLIMIT_{rlimit}")
+            # Two limits on one rlimit (memory's fallback and address_space): the lower holds.
+            table[which] = min(int(value), table.get(which, int(value)))
             applied[name] = AppliedLimit(value, f"RLIMIT_{rlimit}")
     if limits.cpu_time is not None:
         # Whole seconds only: a per-process backstop for the cgroup's or the box init's figure.
-        table.append((resource.RLIMIT_CPU, math.ceil(limits.cpu_time + limits.extra_time + 1)))
-    return tuple(table), applied
+        table[resource.RLIMIT_CPU] = math.ceil(limits.cpu_time + limits.extra_time + 1)
+    return tuple(table.items()), applied
 
 
 def tree_limits(limits: Limits, fallback: bool) -> treelimits.TreeLimits | None:

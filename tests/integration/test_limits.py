@@ -131,3 +131,14 @@ def test_a_limit_nobody_enforces_is_reported_as_none(tmp_path):
     assert report.limits["cpu_quota"].mechanism == "none"
     assert report.limits["root_size"].mechanism == "none"
     assert report.limits["pids"].mechanism == f"{report.cgroup} pids.max"
+
+
+def test_an_address_space_limit_fails_the_allocation_inside_the_program():
+    """isolate's -m: RLIMIT_AS makes the large allocation fail in the program (MemoryError),
+    where without it the same allocation succeeds under the cgroup limit."""
+    program = ["python3", "-c", "try:\n    " + ALLOC.format(size=150 << 20)
+               + "\nexcept MemoryError:\n    print('refused')"]
+    limited = sandbox.run(program, address_space="100M")
+    assert limited.ok and limited.stdout == b"refused\n" and not limited.oom_killed
+    assert limited.limits["address_space"].mechanism == "RLIMIT_AS"
+    assert sandbox.run(program).stdout == b"allocated\n"

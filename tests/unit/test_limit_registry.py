@@ -16,6 +16,7 @@ from sandbox.verdict import KILL_VERDICTS
 #: One value for every limit, as a user writes it.
 EVERY_LIMIT = {
     "wall_time": "2s", "cpu_time": "1s", "memory": "64M", "pids": 8, "fsize": "1M",
+    "address_space": "128M",
     "open_files": 32, "stack": "8M", "output": "1M", "tmp_size": "2M", "work_size": "2M",
     "extra_time": "100ms", "cpu_quota": 1.5, "cpus": "0", "root_size": "4M",
 }
@@ -99,9 +100,11 @@ def test_rlimits_set_and_report_exactly_the_registry_s_rlimit_limits(cgroup):
     import resource
 
     set_values = dict(table)
+    assert len(set_values) == len(table)  # one entry per rlimit: the lowest of its limits
     for name, limit in applied.items():
         which = getattr(resource, limit.mechanism)
-        assert set_values[which] == (0 if name == "core" else getattr(limits, name)), name
+        sharing = [a.value for a in applied.values() if a.mechanism == limit.mechanism]
+        assert set_values[which] == min(sharing), name
 
 
 def test_the_box_init_reports_exactly_the_registry_s_tree_limits():
