@@ -15,6 +15,7 @@ from .spec import Bind
 if TYPE_CHECKING:
     from .api import run, run_group
     from .group import GroupReport
+    from .workspace import Workspace
 
 
 def __getattr__(name: str) -> Any:
@@ -27,6 +28,10 @@ def __getattr__(name: str) -> Any:
         from .group import GroupReport
 
         return GroupReport
+    if name == "Workspace":
+        from .workspace import Workspace
+
+        return Workspace
     raise AttributeError(f"module 'sandbox' has no attribute {name!r}")
 
 
@@ -41,6 +46,7 @@ __all__ = [
     "SetupFailure",
     "StopReason",
     "Verdict",
+    "Workspace",
     "run",
     "run_group",
 ]

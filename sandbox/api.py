@@ -25,12 +25,13 @@ from .group import GroupReport, load_group
 from .repeat import check_repeat, summarize
 from .report import Report
 from .request import Request, resolve
-from .spec import Bind, Spec
+from .spec import Bind, Spec, WorkspaceRoot
 
 if TYPE_CHECKING:
     from typing import Unpack
 
     from .limits import LimitKeywords
+    from .workspace import Workspace
 from .streams import read_all, read_capture, sealed_input
 
 BindLike = Bind | tuple[str, str] | tuple[str, str, bool]
@@ -170,6 +171,7 @@ def run(
     env: Mapping[str, str] | None = None,
     image: str | None = None,
     repeat: int = 1,
+    workspace: Workspace | None = None,
     **limits: Unpack[LimitKeywords],
 ) -> Report:
     """Run ``argv`` in a new box and return its report (captured output in ``stdout``/``stderr``).
@@ -188,7 +190,9 @@ def run(
     its command); ``root_size`` makes the root writable with that much room. ``repeat=N``
     runs the request in N fresh boxes and returns their summary (sandbox/repeat.py: median
     figures, the first failed run's outcome and output, every run in ``runs``); the given
-    ``stdout``/``stderr`` descriptors get the first run's output.
+    ``stdout``/``stderr`` descriptors get the first run's output. ``workspace`` (a
+    :class:`~sandbox.Workspace`) is the work dir, kept across runs; :meth:`Workspace.run`
+    passes it.
     """
     attributes = {
         k: v
@@ -207,6 +211,7 @@ def run(
             limits={k: v for k, v in limits.items() if v is not None},
             env=env or {},
             image=image,
+            workspace=_workspace_root(workspace),
         )
     )
     if count > 1 and isinstance(stdin, int):
@@ -216,6 +221,16 @@ def run(
         for i in range(count)
     ]
     return summarize(runs)
+
+
+def _workspace_root(workspace: object) -> WorkspaceRoot | None:
+    from .workspace import Workspace
+
+    if workspace is None:
+        return None
+    if not isinstance(workspace, Workspace):
+        raise ConfigError("request", "workspace", f"expected a Workspace, got {workspace!r}")
+    return workspace.root
 
 
 def _run_spec(

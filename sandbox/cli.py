@@ -12,16 +12,22 @@ stderr is a pipe whose reader went away.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any, ClassVar, NoReturn, cast
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast
 
 from .errors import EXIT_SANDBOX_ERROR, SandboxError
 from .limits import LIMITS
+
+if TYPE_CHECKING:
+    from .report import Report
+    from .spec import Spec
+    from .workspace import Workspace
 
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 
@@ -118,6 +124,7 @@ def _parser(*, complete: bool = False) -> argparse.ArgumentParser:
     sub.add_lazy("policy", _policy_arguments, help="explain or check a policy")
     sub.add_lazy("group", _group_arguments, help="run a group of boxes (pipes, linked network)")
     sub.add_lazy("image", _image_arguments, help="build, list, move and remove images")
+    sub.add_lazy("workspace", _workspace_arguments, help="named work dirs kept across runs")
     sub.add_lazy("doctor", lambda _: None, help="which guarantees hold on this host")
     _add_log_options(p, True)
     if complete:
@@ -129,6 +136,9 @@ def _parser(*, complete: bool = False) -> argparse.ArgumentParser:
 def _exec_arguments(ex: argparse.ArgumentParser) -> None:
     ex.add_argument("--profile", help="profile name or path (default: strict)")
     ex.add_argument("--image", metavar="REF", help="run on this image of the store")
+    ex.add_argument(
+        "--workspace", metavar="NAME", help="run in this named workspace (sandbox workspace)"
+    )
     ex.add_argument(
         "--policy", help="policy file or name (default) that selects the profile, sets ceilings"
     )
@@ -190,6 +200,12 @@ def _image_arguments(img: argparse.ArgumentParser) -> None:
     add_image_arguments(img)
 
 
+def _workspace_arguments(ws: argparse.ArgumentParser) -> None:
+    from .cli_workspace import add_workspace_arguments
+
+    add_workspace_arguments(ws)
+
+
 def _attributes(args: argparse.Namespace) -> dict[str, str]:
     return {a: getattr(args, a) for a in ("purpose", "language", "tenant") if getattr(args, a)}
 
@@ -249,10 +265,6 @@ class _RunFiles:
 
 def _exec(args: argparse.Namespace) -> int:
     from .errors import ConfigError
-    from .repeat import check_repeat, summarize
-    from .request import Request, parse_bind, resolve
-    from .streams import DiscardSink, FdSink, read_all, sealed_input
-    from .supervisor import run_box
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd and args.image is None:
@@ -268,6 +280,24 @@ def _exec(args: argparse.Namespace) -> int:
         if not sep:
             raise ConfigError("command line", "--env", f"expected NAME=VALUE, got {item!r}")
         env[name] = value
+    workspace = None
+    if args.workspace is not None:
+        from .workspace import Workspace
+
+        workspace = Workspace.open(args.workspace)
+    try:
+        return _exec_in(args, cmd, env, workspace)
+    finally:
+        if workspace is not None:
+            workspace.close()
+
+
+def _exec_in(
+    args: argparse.Namespace, cmd: list[str], env: dict[str, str], workspace: Workspace | None
+) -> int:
+    from .repeat import check_repeat
+    from .request import Request, parse_bind, resolve
+
     request = Request(
         argv=cmd,
         profile=args.profile,
@@ -278,6 +308,7 @@ def _exec(args: argparse.Namespace) -> int:
         limits={n: getattr(args, n) for n in LIMITS if getattr(args, n) is not None},
         env=env,
         image=args.image,
+        workspace=None if workspace is None else workspace.root,
     )
     count = 1 if args.repeat is None else check_repeat(args.repeat, "--repeat")
     spec = resolve(request)
@@ -285,24 +316,8 @@ def _exec(args: argparse.Namespace) -> int:
         print(f"sandbox: clamped by policy: {note}", file=sys.stderr)
     files = _RunFiles(args, ("stdout", "stderr", "report", "meta"))
     try:
-        if count == 1:
-            report = run_box(
-                spec, files.stdin, FdSink(files.fd("stdout", 1)), FdSink(files.fd("stderr", 2))
-            )
-        else:  # each run reads the same input; the first one's output passes through
-            data, runs = read_all(files.stdin), []
-            for i in range(count):
-                stdin = sealed_input(data)
-                try:
-                    out, err = (
-                        (FdSink(files.fd("stdout", 1)), FdSink(files.fd("stderr", 2)))
-                        if i == 0
-                        else (DiscardSink(), DiscardSink())
-                    )
-                    runs.append(run_box(spec, stdin, out, err))
-                finally:
-                    os.close(stdin)
-            report = summarize(runs)
+        with contextlib.nullcontext() if workspace is None else workspace.held():
+            report = _runs(spec, files, count)
         if args.log_level in ("debug", "info"):  # below that the event would be filtered
             from . import logs  # here: logging and structlog cost a run that logs nothing
 
@@ -320,6 +335,31 @@ def _exec(args: argparse.Namespace) -> int:
     if report.error:
         print(f"sandbox: {report.error}", file=sys.stderr)
     return report.cli_exit_code() if written else EXIT_SANDBOX_ERROR
+
+
+def _runs(spec: Spec, files: _RunFiles, count: int) -> Report:
+    """Run ``spec`` ``count`` times (``--repeat``): each run reads the same input, the first
+    one's output passes through, and the report summarizes them."""
+    from .repeat import summarize
+    from .streams import DiscardSink, FdSink, Sink, read_all, sealed_input
+    from .supervisor import run_box
+
+    if count == 1:
+        out, err = FdSink(files.fd("stdout", 1)), FdSink(files.fd("stderr", 2))
+        return run_box(spec, files.stdin, out, err)
+    data, runs = read_all(files.stdin), []
+    for i in range(count):
+        stdin = sealed_input(data)
+        try:
+            sinks: tuple[Sink, Sink] = (
+                (FdSink(files.fd("stdout", 1)), FdSink(files.fd("stderr", 2)))
+                if i == 0
+                else (DiscardSink(), DiscardSink())
+            )
+            runs.append(run_box(spec, stdin, *sinks))
+        finally:
+            os.close(stdin)
+    return summarize(runs)
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -431,6 +471,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .cli_image import run_image
 
         return run_image(args)
+    if args.command == "workspace":
+        from .cli_workspace import run_workspace
+
+        return run_workspace(args)
     from .doctor import run_doctor
 
     return run_doctor()

@@ -122,8 +122,9 @@ def pool_size() -> int:
 def shape_of(spec: Spec) -> bytes | None:
     """The pool key of ``spec``, or None when its box is not built ahead: a linked group's
     (its network is made by its group), and one on an image (a box holds the store's shared
-    lock from its start, and an idle box must not keep ``sandbox image prune`` waiting)."""
-    if spec.link is not None or spec.image is not None:
+    lock from its start, and an idle box must not keep ``sandbox image prune`` waiting), and
+    one in a workspace (its runs own the workspace's ids, one box at a time)."""
+    if spec.link is not None or spec.image is not None or spec.workspace is not None:
         return None
     from .supervisor import PreparedBox
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from .errors import ConfigError
 from .limits import LIMITS, Limits, clamp_to, parse_limits
 from .profiles import load_profile
-from .spec import Bind, ImageRoot, Spec, check_bind_target
+from .spec import Bind, ImageRoot, Spec, WorkspaceRoot, check_bind_target
 
 if TYPE_CHECKING:
     from .image.oci import ImageConfig
@@ -38,6 +38,7 @@ class Request:
     limits: Mapping[str, object] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     image: str | None = None  # overrides the profile's ``image``
+    workspace: WorkspaceRoot | None = None  # the work dir is this workspace (workspace.py)
 
 
 def parse_bind(text: str, writable: bool) -> Bind:
@@ -117,6 +118,10 @@ def resolve(request: Request) -> Spec:
             raise ConfigError(
                 "request", f"env.{key}", "expected NAME=value strings without NUL bytes"
             )
+    if request.workspace is not None:
+        # The sandbox's own size-capped tmpfs, not a host path of the caller's: no policy
+        # key governs it, and it is bound last, over the box's own work dir.
+        binds = (*binds, Bind(request.workspace.path, profile.workdir, writable=True))
     argv = tuple(request.argv)
     env = tuple(request.env.items())
     image, cwd = None, None
@@ -139,6 +144,7 @@ def resolve(request: Request) -> Spec:
         cwd=cwd,
         clamped=clamped,
         image=image,
+        workspace=request.workspace,
     )
 
 

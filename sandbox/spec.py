@@ -124,6 +124,17 @@ class Link:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkspaceRoot:
+    """A workspace a run's work dir is (sandbox/workspace.py): its size-capped tmpfs on the host
+    and the host ids that own it, the same for every run in it."""
+
+    path: str  # the tmpfs's mount point, in a root-only directory of the state dir
+    uid: int
+    gid: int
+    init: int  # the host id of the box's pid 1 (box/userns.py)
+
+
+@dataclass(frozen=True, slots=True)
 class ImageRoot:
     """An image a box runs on: its unpacked layers, top first, from the image store."""
 
@@ -148,6 +159,7 @@ class Spec:
     hostname: str | None = None  # a group member's name; the profile's otherwise
     link: Link | None = None
     image: ImageRoot | None = None  # the root's layers; the host's /usr on a base layer if None
+    workspace: WorkspaceRoot | None = None  # bound at the work dir, kept across runs
 
     def __post_init__(self) -> None:
         """The one validation every Spec passes, however it is made (``resolve``, a build

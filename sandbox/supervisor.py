@@ -186,6 +186,9 @@ class PreparedBox:
         if spec.image is not None and spec.image.upper is not None:
             # A build step: root of its namespace, as the owner of the image's files.
             self.ids = userns.build_step_ids()
+        elif spec.workspace is not None:  # every run in a workspace owns its files
+            ws = spec.workspace
+            self.ids = userns.workspace_ids(ws.uid, ws.gid, ws.init)
         else:
             self.ids = userns.allocate()
         stack.callback(self.ids.release)

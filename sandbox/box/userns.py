@@ -37,6 +37,11 @@ IMAGE_OWNER = ID_BASE - 1
 #: all of the caller's ids must match the target's) and have the kernel kill it.
 INIT_BASE = ID_BASE + SLOTS
 INIT_INSIDE = 4_000_000_000
+#: As root, a workspace's files and every box run in it belong to ``WORKSPACE_BASE + slot``
+#: (its pid 1 to ``WORKSPACE_INIT_BASE + slot``), an id no other box gets: a compiled program
+#: written by one run can be run and rewritten by the next (sandbox/workspace.py).
+WORKSPACE_BASE = INIT_BASE + SLOTS
+WORKSPACE_INIT_BASE = WORKSPACE_BASE + SLOTS
 #: Per-box bounds of per-user counters: rlimits set before the namespace exists ...
 COUNTER_RLIMITS = (
     (resource.RLIMIT_SIGPENDING, 1024),  # queued signals, POSIX timers included
@@ -77,6 +82,11 @@ def allocate() -> HostIds:
         raise HostError("all box id slots are in use")
     fd, slot = taken
     return HostIds(ID_BASE + slot, ID_BASE + slot, fd, INIT_BASE + slot)
+
+
+def workspace_ids(uid: int, gid: int, init: int) -> HostIds:
+    """A workspace run's ids: its workspace's, held by the workspace for its whole life."""
+    return HostIds(uid, gid, init=init)
 
 
 def image_owner() -> tuple[int, int]:

@@ -249,3 +249,9 @@ def test_rootless_cpu_spread_over_children_is_limited_for_the_tree(as_nobody):
     # Killed in time: at most a few clock ticks per process and one check late.
     assert 1.0 <= report["cpu_time"] < 1.15
 
+
+
+def test_rootless_workspaces_are_refused_with_a_reason(as_nobody):
+    run, _ = as_nobody
+    result = run("workspace", "create", "w")
+    assert result.returncode == 125 and b"a workspace needs root" in result.stderr
