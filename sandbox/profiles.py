@@ -264,7 +264,11 @@ def _seccomp(top: Table) -> SeccompPolicy:
     for rule in table.tables("rule", _RULE_KEYS):
         rules.append(_rule(rule))
     families = []
-    named = table.array("socket_families") if "socket_families" in table else list(SOCKET_FAMILIES)
+    named = (
+        table.strings("socket_families", "an array of socket family names")
+        if "socket_families" in table
+        else list(SOCKET_FAMILIES)
+    )
     for fam in named:
         if fam not in SOCKET_FAMILIES:
             raise table.fail(

@@ -132,6 +132,7 @@ class WorkspaceRoot:
     uid: int
     gid: int
     init: int  # the host id of the box's pid 1 (box/userns.py)
+    size: int  # bytes: the tmpfs's size
 
 
 @dataclass(frozen=True, slots=True)

@@ -205,6 +205,9 @@ class PreparedBox:
         if self.tree_limits is not None:
             self.applied |= treelimits.applied(self.tree_limits, spec.limits)
         self.applied |= self.root.applied()
+        if spec.workspace is not None:  # the work dir is the workspace, bound over the tmpfs
+            how = "workspace tmpfs size (kept across runs)"
+            self.applied["work_size"] = AppliedLimit(spec.workspace.size, how)
         self.sock, self.child_sock = protocol.socketpair()
         stack.callback(self.sock.close)
         stack.callback(self.child_sock.close)
@@ -407,6 +410,8 @@ def _account(
         )
     )
     cg_name = CgroupHierarchy.NONE if box is None else box.backend
+    named = zip(("stdout", "stderr"), run.streams, strict=False)
+    counted = tuple(name for name, stream in named if stream is not None)
     out, err = (s or _Stream(-1, BufferSink(), None) for s in run.streams)
     return Report(
         verdict=decision.verdict,
@@ -424,7 +429,7 @@ def _account(
         profile=spec.profile.name,
         profile_hash=spec.profile.content_hash,
         cgroup=cg_name,
-        limits=_applied_limits(spec.limits, box, applied),
+        limits=_applied_limits(spec.limits, box, applied, counted),
         stdout_bytes=out.count,
         stderr_bytes=err.count,
         stdout_truncated=out.truncated,
@@ -450,18 +455,23 @@ def _tree_memory_peak(spec: Spec, run: _Run) -> int | None:
 
 
 def _applied_limits(
-    limits: Limits, box: cgroups.BoxCgroup | None, applied: dict[str, AppliedLimit]
+    limits: Limits,
+    box: cgroups.BoxCgroup | None,
+    applied: dict[str, AppliedLimit],
+    counted: tuple[str, ...],
 ) -> dict[str, AppliedLimit]:
-    """Every limit as the run had it: what the supervisor itself enforces, then what each
-    backend reports it set (rlimits, the box init, the root's mounts, the cgroup); a limit
-    nobody enforced shows ``none``."""
+    """Every limit as the run had it: what the supervisor itself enforces (``counted``: the
+    output streams it reads), then what each backend reports it set (rlimits, the box init,
+    the root's mounts, the cgroup); a limit nobody enforced shows ``none``."""
     out = {name: AppliedLimit(getattr(limits, name), "none") for name in LIMITS}
     out["wall_time"] = AppliedLimit(limits.wall_time, "supervisor deadline")
     out["extra_time"] = AppliedLimit(
         limits.extra_time, "added to the kill deadlines; over the limit is still over"
     )
-    if limits.output is not None:
-        out["output"] = AppliedLimit(limits.output, "supervisor pipe count")
+    if limits.output is not None and counted:
+        # A group box's stream piped straight to another box is not read here, so not counted.
+        how = "supervisor pipe count (" + ", ".join(counted) + ")"
+        out["output"] = AppliedLimit(limits.output, how)
     out |= applied
     if box is not None:
         if limits.cpu_time is not None:

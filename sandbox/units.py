@@ -19,8 +19,10 @@ def parse_size(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError(f"expected a size such as 64M, got {value!r}")
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"expected a size >= 0, got {value}")
+        # Bounded like a written size: a larger one wraps in the kernel's counters (tmpfs
+        # takes size=2^70 as 0, which means unlimited).
+        if not 0 <= value < (1 << 62):
+            raise ValueError(f"expected a size from 0 to 4 EiB, got {value}")
         return value
     if isinstance(value, str):
         m = _SIZE.match(value)

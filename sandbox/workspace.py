@@ -245,7 +245,7 @@ class Workspace:
             raise HostError(f"workspace {self.name or self.slot} is not mounted")
         self._root, self._lock_fd, self._thread_lock = fd, lock, threading.Lock()
         uid, init = self._ids()
-        self.root = WorkspaceRoot(self._path(), uid, uid, init)
+        self.root = WorkspaceRoot(self._path(), uid, uid, init, self.size)
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:

@@ -63,12 +63,12 @@ class RootPlan:
     def applied(self) -> dict[str, AppliedLimit]:
         """The size limits this root's tmpfs mounts carry (``child_mount_root`` mounts them
         with these sizes), as the report shows them."""
-        out = {
-            "tmp_size": AppliedLimit(self.tmp_size, "tmpfs size"),
-            "work_size": AppliedLimit(self.work_size, "tmpfs size"),
-        }
+        out = {"tmp_size": AppliedLimit(self.tmp_size, "tmpfs size")}
+        if self.build_dir is None:  # a build step's work dir is the image's, on its upper
+            out["work_size"] = AppliedLimit(self.work_size, "tmpfs size")
         if self.root_size is not None:
-            out["root_size"] = AppliedLimit(self.root_size, "tmpfs size (writable root)")
+            how = "tmpfs size of the writable root's upper (+1M for overlayfs's work dir)"
+            out["root_size"] = AppliedLimit(self.root_size, how)
         return out
 
     def still_current(self) -> bool:

@@ -33,6 +33,9 @@ def test_the_interactive_example_is_accepted(tmp_path):
         "interactor": "ok", "solution": "ok"}
     assert data["boxes"]["interactor"]["stderr_text"].startswith("accepted in ")
     assert data["first_ended"] in ("interactor", "solution")
+    # Each box's stdout is piped straight to the other: only its stderr is counted here.
+    for box in data["boxes"].values():
+        assert box["limits"]["output"]["mechanism"] == "supervisor pipe count (stderr)"
 
 
 def test_a_crashing_solution_keeps_the_interactors_verdict(tmp_path):

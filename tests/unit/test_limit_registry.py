@@ -122,6 +122,12 @@ def test_the_root_plan_reports_exactly_the_registry_s_mount_limits():
     applied = plan.applied()
     assert set(applied) == enforced_by(Enforcer.MOUNTS, True)
     assert all(applied[n].value == getattr(limits, n) for n in applied)
+    from dataclasses import replace
+
+    from sandbox.box.plan import HostDir
+
+    build = replace(plan, build_dir=HostDir.__new__(HostDir))  # a build step mounts no work dir
+    assert "work_size" not in build.applied()
 
 
 def test_without_a_cgroup_nothing_claims_cgroup_limits():

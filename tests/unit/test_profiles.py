@@ -65,6 +65,10 @@ def test_inheritance_cycles_are_reported(tmp_path):
     ('[limits]\nwall_time = 1\n[env]\n"BAD-NAME" = "x"\n', "env.BAD-NAME", "NAME"),
     ("surprise = 1\n", "surprise", "unknown key"),
     ("[limits\n", None, "not valid TOML"),
+    ('[limits]\nwall_time = 1\n[seccomp]\nsocket_families = [[1]]\n',
+     "seccomp.socket_families", "socket family names"),
+    ('[limits]\nwall_time = 1\ntmp_size = 1180591620717411303424\n', "limits.tmp_size",
+     "4 EiB"),
 ])
 def test_invalid_profiles_name_file_and_key(tmp_path, text, key, problem):
     path = write(tmp_path, "bad", text)

@@ -56,3 +56,10 @@ def test_limits_are_shown_with_their_units(name, value, text):
     from sandbox.limits import LIMITS
 
     assert LIMITS[name].format(value) == text
+
+
+def test_a_size_too_large_for_the_kernel_is_refused_as_a_number_too():
+    """2^70 would wrap: tmpfs reads size=2^70 as 0, which is no limit at all."""
+    with pytest.raises(ValueError, match="4 EiB"):
+        parse_size(1 << 70)
+    assert parse_size((1 << 62) - 1) == (1 << 62) - 1
