@@ -228,6 +228,7 @@ memory = "100M"
 LIMIT_FLAGS = [
     ("--wall-time", "3", "wall_time", 3.0), ("--cpu-time", "2", "cpu_time", 2.0),
     ("--memory", "64M", "memory", 64 << 20), ("--pids", "8", "pids", 8),
+    ("--address-space", "512M", "address_space", 512 << 20),
     ("--fsize", "1M", "fsize", 1 << 20), ("--open-files", "32", "open_files", 32),
     ("--stack", "8M", "stack", 8 << 20), ("--output-limit", "1M", "output", 1 << 20),
     ("--tmp-size", "2M", "tmp_size", 2 << 20), ("--work-size", "2M", "work_size", 2 << 20),
@@ -272,9 +273,9 @@ def test_tenant_selects_by_policy_for_exec_and_explain(tmp_path):
     assert explained.returncode == 0
     assert lines[0] == f"policy {policy}, request: tenant=acme"
     assert lines[1] == "rule 'acme compiles' matches: profile compile"
-    assert "  memory      100M  (the profile asks 1G; ceilings.memory)" in lines
-    assert "  wall_time   30s" in lines and "  cpus        all" in lines
-    assert "  root_size   none (read-only root)" in lines
+    assert "  memory         100M  (the profile asks 1G; ceilings.memory)" in lines
+    assert "  wall_time      30s" in lines and "  cpus           all" in lines
+    assert "  root_size      none (read-only root)" in lines
     other = run_cli("policy", "explain", str(policy), "--tenant", "other")
     assert b"no rule matches: the policy's default_profile, strict\n" in other.stdout
 

@@ -119,6 +119,11 @@ def test_named_workspaces_from_the_command_line(tmp_path, gcc):
         assert built.returncode == 0, built.stderr
         ran = run_cli("exec", "--workspace", "judge-ws", "--", "./sum", stdin=b"2 3\n")
         assert ran.stdout == b"5\n"
+        script = tmp_path / "run.sh"
+        script.write_text("#!/bin/sh\necho script\n")
+        assert run_cli("workspace", "put", "judge-ws", str(script), "bin/run.sh",
+                       "--mode", "755").returncode == 0
+        assert run_cli("exec", "--workspace", "judge-ws", "--", "bin/run.sh").stdout == b"script\n"
         assert b"judge-ws" in run_cli("workspace", "ls").stdout
         assert run_cli("workspace", "get", "judge-ws", "sum.c").stdout == SOURCE.encode()
         again = run_cli("workspace", "create", "judge-ws")
