@@ -400,6 +400,11 @@ def _run(cmd: _Command) -> int:
     env, removed = _environment(options)
     chdir = options.last("chdir") or "/box"
     chdir = "/" + os.path.normpath("/" + chdir).lstrip("/")
+    meta_path = options.last("meta")
+    if meta_path is not None:  # first, as isolate opens it: every later error is written
+        from .hostpath import OutputFile
+
+        cmd.meta = OutputFile("/dev/stdout" if meta_path == "-" else meta_path, "-M")
     home = _home()
     opened: list[int] = [home]
     outputs: list[_Output] = []
@@ -410,11 +415,6 @@ def _run(cmd: _Command) -> int:
         if box_fd is None:
             raise Fatal("Box not found, did you run `isolate --init'?")
         opened.append(box_fd)
-        meta_path = options.last("meta")
-        if meta_path is not None:
-            from .hostpath import OutputFile
-
-            cmd.meta = OutputFile("/dev/stdout" if meta_path == "-" else meta_path, "-M")
         request = Request(
             argv=options.argv,
             profile="standard" if options.given("share-net") else "strict",
