@@ -126,6 +126,7 @@ def _parser(*, complete: bool = False) -> argparse.ArgumentParser:
     sub.add_lazy("image", _image_arguments, help="build, list, move and remove images")
     sub.add_lazy("workspace", _workspace_arguments, help="named work dirs kept across runs")
     sub.add_lazy("doctor", lambda _: None, help="which guarantees hold on this host")
+    sub.add_parser("isolate", help="isolate 2.x's command line, for judges (docs/isolate.md)")
     _add_log_options(p, True)
     if complete:
         for name in list(sub.builders):
@@ -512,6 +513,11 @@ def _quiet_broken_pipe() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sandbox`` console script; returns the exit code."""
     _ensure_standard_fds()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["isolate"]:  # isolate's own command line, parsed as isolate parses it
+        from .isolate import main as isolate_main
+
+        return isolate_main(argv[1:])
     try:
         args = _parser().parse_args(argv)
         if args.log_level in ("debug", "info"):

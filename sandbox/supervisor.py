@@ -104,6 +104,7 @@ def run_box(
     stdout: Sink | int,
     stderr: Sink | int,
     cancel_fd: int | None = None,
+    before_start: Callable[[int, int], None] | None = None,
 ) -> Report:
     """Run ``spec`` to completion and return its report. Raises only for sandbox failures.
 
@@ -111,13 +112,16 @@ def run_box(
     another box): no output limit and no count then, and run_box closes them once the box has
     them, so its peer sees end of file as soon as the box is gone. ``cancel_fd`` stops the run
     when it becomes readable: a byte ``p`` means a peer of the box ended (``peer_exited``),
-    end of file that the caller went away (``cancelled``).
+    end of file that the caller went away (``cancelled``). ``before_start`` is called with the
+    box's host uid and gid once they are known, before the program starts (to hand it files).
     """
     # The copier of a socket stdin is forked first, so it has its data in the pipe long before
     # the program starts (and holds none of the box's descriptors).
     stdin_fd, copier = streams.private_stdin(stdin_fd)
     try:
         with PreparedBox(spec) as box:
+            if before_start is not None:
+                before_start(box.ids.uid, box.ids.gid)
             return box.run(spec, stdin_fd, stdout, stderr, cancel_fd, stdin_is_private=True)
     finally:
         os.close(stdin_fd)

@@ -19,7 +19,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "types": ("errors.py", "units.py", "spec.py", "limits.py", "report.py", "protocol.py",
               "imageref.py", "syscall_groups.py"),
     "host": ("kernel.py", "hostpath.py", "state.py", "storelock.py", "baseimage.py",
-             "boxinit.py", "native/"),
+             "boxinit.py", "native/", "boxdir.py"),
     "box": ("box/",),
     "config": ("profiles.py", "policy.py", "tomlreader.py"),
     "image": ("image/",),
@@ -28,7 +28,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "request": ("request.py",),
     "orchestration": ("helper.py", "group.py"),
     "front": ("__init__.py", "__main__.py", "api.py", "cli.py", "cli_image.py", "doctor.py",
-              "logs.py", "meta.py", "workspace.py", "cli_workspace.py"),
+              "logs.py", "meta.py", "workspace.py", "cli_workspace.py", "isolate.py",
+              "isolate_args.py"),
 }
 #: What each layer's modules may import besides their own layer: layers, or single modules.
 MAY_IMPORT: dict[str, tuple[str, ...]] = {
