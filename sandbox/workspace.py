@@ -7,8 +7,8 @@ of every run in it. Its files, and every box run in it, belong to one host id of
 (``userns.WORKSPACE_BASE + N``), so what one run writes the next may run or rewrite, and no
 other box ever has that id. Nothing of the host is inside: a program can leave only symlinks,
 FIFOs and ordinary files there (``nodev``, ``nosuid``), and the host side never follows one:
-``put``/``get`` resolve every path beneath the workspace's own descriptor with
-``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV`` and open only regular files,
+``put``/``get`` resolve every path beneath the workspace's own descriptor
+(:func:`sandbox.boxdir.open_beneath`: no symlink, no way out) and open only regular files,
 without blocking; removing a workspace unmounts it (``MNT_DETACH``) instead of walking what a
 program left.
 
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import kernel
+from .boxdir import open_beneath
 from .errors import ConfigError, HostError, SandboxError
 from .limits import LIMITS
 from .spec import WorkspaceRoot
@@ -44,8 +45,6 @@ if TYPE_CHECKING:
 
 _DIR = "workspaces"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-_RESOLVE = kernel.RESOLVE_BENEATH | kernel.RESOLVE_NO_SYMLINKS | kernel.RESOLVE_NO_XDEV
-_RESOLVE |= kernel.RESOLVE_NO_MAGICLINKS
 DEFAULT_SIZE = 64 << 20
 MAX_INODES = 65536
 
@@ -274,9 +273,7 @@ class Workspace:
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(part, 0o755, dir_fd=fd)
                         os.chown(part, *[self.root.uid] * 2, dir_fd=fd, follow_symlinks=False)
-                child = kernel.openat2(
-                    fd, part, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, _RESOLVE
-                )
+                child = open_beneath(fd, part, os.O_RDONLY | os.O_DIRECTORY)
                 os.close(fd)
                 fd = child
         except BaseException:
@@ -292,8 +289,8 @@ class Workspace:
             try:
                 parent, name = self._parent(path, create=True)
                 try:
-                    flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
-                    fd = kernel.openat2(parent, name, flags, _RESOLVE, 0o600)
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK
+                    fd = open_beneath(parent, name, flags, 0o600)
                 finally:
                     os.close(parent)
                 try:
@@ -316,8 +313,7 @@ class Workspace:
             try:
                 parent, name = self._parent(path, create=False)
                 try:
-                    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
-                    fd = kernel.openat2(parent, name, flags, _RESOLVE)
+                    fd = open_beneath(parent, name, os.O_RDONLY | os.O_NONBLOCK)
                 finally:
                     os.close(parent)
                 with os.fdopen(fd, "rb") as f:
@@ -328,8 +324,10 @@ class Workspace:
                 raise self._error(path, e) from None
 
     def _error(self, path: str, e: OSError) -> SandboxError:
-        if e.errno in (errno.ELOOP, errno.EXDEV):
-            return ConfigError("request", "path", f"{path}: a symlink is in the way, refused")
+        if e.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
+            return ConfigError(
+                "request", "path", f"{path}: a symlink or a file is in the way, refused"
+            )
         if e.errno == errno.ENOSPC:
             return ConfigError(
                 "request", "path", f"{path}: the workspace is full ({self.size} bytes)"
