@@ -26,8 +26,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "run": ("supervisor.py", "child.py", "streams.py", "verdict.py", "sched.py", "hostinfo.py"),
     "request": ("request.py",),
     "orchestration": ("helper.py", "group.py"),
-    "front": ("__init__.py", "__main__.py", "api.py", "cli.py", "cli_image.py", "doctor.py",
-              "logs.py", "meta.py"),
+    "front": ("__init__.py", "__main__.py", "aio.py", "api.py", "cli.py", "cli_image.py",
+              "doctor.py", "logs.py", "meta.py"),
 }
 #: What each layer's modules may import besides their own layer: layers, or single modules.
 MAY_IMPORT: dict[str, tuple[str, ...]] = {
