@@ -13,6 +13,7 @@ from .report import AppliedLimit, Report, SetupFailure, StopReason, Verdict
 from .spec import Bind
 
 if TYPE_CHECKING:
+    from . import aio
     from .api import run, run_group
     from .group import GroupReport
     from .workspace import Workspace
@@ -24,6 +25,10 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
+    if name == "aio":  # ``sandbox.aio.run``: the same, awaitable from asyncio
+        import importlib
+
+        return importlib.import_module(".aio", __name__)
     if name == "GroupReport":
         from .group import GroupReport
 
@@ -47,6 +52,7 @@ __all__ = [
     "StopReason",
     "Verdict",
     "Workspace",
+    "aio",
     "run",
     "run_group",
 ]

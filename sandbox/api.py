@@ -14,8 +14,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -194,6 +194,56 @@ def run(
     :class:`~sandbox.Workspace`) is the work dir, kept across runs; :meth:`Workspace.run`
     passes it.
     """
+    prepared = _prepare_run(
+        argv, profile=profile, policy=policy, purpose=purpose, language=language, tenant=tenant,
+        stdin=stdin, stdout=stdout, stderr=stderr, binds=binds, env=env, image=image,
+        repeat=repeat, workspace=workspace, **limits
+    )
+    runs = [_finish_run(c, *_call(request, fds)) for request, fds, c in prepared.requests()]
+    return summarize(runs)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A checked and resolved :func:`run`; :meth:`requests` makes each run's request to the
+    helper, the descriptors that go with it and the outputs it captures, as each run comes."""
+
+    spec: Spec
+    count: int
+    stdin: bytes | str | int | None
+    stdout: int | None
+    stderr: int | None
+
+    def requests(self) -> Iterator[tuple[helper.Request, list[int], list[str]]]:
+        for i in range(self.count):
+            # The given descriptors get the first run's output; later runs are captured.
+            stdout, stderr = (self.stdout, self.stderr) if i == 0 else (None, None)
+            outputs = [os.dup(fd) for fd in (stdout, stderr) if fd is not None]
+            request = helper.Request(self.spec, stdout is not None, stderr is not None)
+            captured = [n for n, fd in (("stdout", stdout), ("stderr", stderr)) if fd is None]
+            yield request, [_stdin_fd(self.stdin), *outputs], captured
+
+
+def _prepare_run(
+    argv: Sequence[str],
+    *,
+    profile: str | None = None,
+    policy: str | Path | None = None,
+    purpose: str | None = None,
+    language: str | None = None,
+    tenant: str | None = None,
+    stdin: bytes | str | int | None = b"",
+    stdout: int | None = None,
+    stderr: int | None = None,
+    binds: Sequence[BindLike] = (),
+    env: Mapping[str, str] | None = None,
+    image: str | None = None,
+    repeat: int = 1,
+    workspace: Workspace | None = None,
+    **limits: Unpack[LimitKeywords],
+) -> _Prepared:
+    """The checks and resolution of :func:`run` (whose arguments these are), before anything is
+    sent."""
     attributes = {
         k: v
         for k, v in (("purpose", purpose), ("language", language), ("tenant", tenant))
@@ -216,11 +266,7 @@ def run(
     )
     if count > 1 and isinstance(stdin, int):
         stdin = read_all(stdin)  # every run reads the same input from its start
-    runs = [
-        _run_spec(spec, stdin, stdout if i == 0 else None, stderr if i == 0 else None)
-        for i in range(count)
-    ]
-    return summarize(runs)
+    return _Prepared(spec, count, stdin, stdout, stderr)
 
 
 def _workspace_root(workspace: object) -> WorkspaceRoot | None:
@@ -233,15 +279,8 @@ def _workspace_root(workspace: object) -> WorkspaceRoot | None:
     return workspace.root
 
 
-def _run_spec(
-    spec: Spec, stdin: bytes | str | int | None, stdout: int | None, stderr: int | None
-) -> Report:
-    """One run of ``spec`` through the helper, its output captured where no descriptor is
-    given."""
-    outputs = [os.dup(fd) for fd in (stdout, stderr) if fd is not None]
-    request = helper.Request(spec, stdout is not None, stderr is not None)
-    result, captures = _call(request, [_stdin_fd(stdin), *outputs])
-    captured = [name for name, fd in (("stdout", stdout), ("stderr", stderr)) if fd is None]
+def _finish_run(captured: list[str], result: object, captures: list[int]) -> Report:
+    """The report of a run from the helper's answer, with the ``captured`` outputs read."""
     if not isinstance(result, Report) or len(captures) != len(captured):
         for fd in captures:
             os.close(fd)
@@ -258,8 +297,14 @@ def run_group(path: str | Path) -> GroupReport:
     Raises :class:`~sandbox.errors.ConfigError` for an invalid group file, naming the file,
     the box and the key.
     """
-    group = load_group(path)
-    result, captures = _call(helper.Request(None, group=group), [_stdin_fd(None)])
+    return _finish_group(*_call(*_prepare_group(path)))
+
+
+def _prepare_group(path: str | Path) -> tuple[helper.Request, list[int]]:
+    return helper.Request(None, group=load_group(path)), [_stdin_fd(None)]
+
+
+def _finish_group(result: object, captures: list[int]) -> GroupReport:
     for fd in captures:
         os.close(fd)
     if not isinstance(result, GroupReport):
@@ -272,30 +317,47 @@ def run_group(path: str | Path) -> GroupReport:
 def _call(request: helper.Request, fds: list[int]) -> tuple[object, list[int]]:
     """Send ``request`` with ``fds`` (which this closes) to the helper and wait for its answer
     (and the descriptors of captured output that come with it)."""
+    with _send(request, fds) as ours:
+        try:
+            answer = helper.receive_result(ours)
+        except OSError as e:
+            raise _receive_failed(e) from None
+    return _answer(*answer)
+
+
+def _send(request: helper.Request, fds: list[int]) -> socket.socket:
+    """Send ``request`` with ``fds`` (which this closes) to the helper; returns the socket its
+    answer comes on. Closing that socket before the answer cancels the run."""
     payload = pickle.dumps(request)
-    if len(payload) > helper.MAX_REQUEST:
-        for fd in fds:
-            os.close(fd)
-        raise _too_large(len(payload))
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        with ours:
+        if len(payload) > helper.MAX_REQUEST:
+            raise _too_large(len(payload))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:
             try:
                 _helper.submit(payload, [theirs.fileno(), *fds])
-            except OSError as e:
-                if e.errno == errno.EMSGSIZE:  # over the control socket's send buffer
-                    raise _too_large(len(payload)) from None
+            except BaseException:
+                ours.close()
                 raise
-            finally:
-                theirs.close()
-                for fd in fds:
-                    os.close(fd)
-            try:
-                result, captures = helper.receive_result(ours)
-            except ConnectionError as e:
-                raise HostError(f"the box helper failed: {e}") from None
     except OSError as e:
+        if e.errno == errno.EMSGSIZE:  # over the control socket's send buffer
+            raise _too_large(len(payload)) from None
         raise HostError(f"cannot reach the box helper: {e.strerror or e}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return ours
+
+
+def _receive_failed(e: OSError) -> HostError:
+    """The error for an answer that could not be read (ConnectionError: the helper died)."""
+    if isinstance(e, ConnectionError):
+        return HostError(f"the box helper failed: {e}")
+    return HostError(f"cannot reach the box helper: {e.strerror or e}")
+
+
+def _answer(result: object, captures: list[int]) -> tuple[object, list[int]]:
+    """The helper's answer, or the SandboxError it sent raised here."""
     if isinstance(result, SandboxError):
         for fd in captures:
             os.close(fd)

@@ -82,28 +82,54 @@ def send_result(sock: socket.socket, result: Any, fds: tuple[int, ...] = ()) -> 
 def receive_result(sock: socket.socket) -> tuple[Any, list[int]]:
     """Counterpart of :func:`send_result`: (result, descriptors); raises ConnectionError if
     the helper died."""
-    first, fds, _, _ = socket.recv_fds(sock, _LENGTH.size, MAX_CAPTURES)
-    if not first:
-        raise ConnectionError("the box helper closed the connection")
+    reader = ResultReader()
     try:
-        header = first + _recv_exactly(sock, _LENGTH.size - len(first))
-        data = _recv_exactly(sock, _LENGTH.unpack(header)[0])
-        # Our own helper process, over a private socketpair.
-        return pickle.loads(data), fds  # noqa: S301
+        while wanted := reader.wanted():
+            data, fds, _, _ = socket.recv_fds(sock, wanted, MAX_CAPTURES)
+            reader.feed(data, fds)
+        return reader.result()
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        reader.close()
         raise
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    chunks = bytearray()
-    while len(chunks) < size:
-        chunk = sock.recv(min(size - len(chunks), 1 << 20))
-        if not chunk:
+class ResultReader:
+    """The decoding of one :func:`send_result` answer from what the socket gives, without the
+    reading itself: the blocking receiver above and the asyncio one (aio.py) share it."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.size: int | None = None  # of the pickle, once the length has come
+        self.fds: list[int] = []
+
+    def wanted(self) -> int:
+        """How many bytes to read next (at most 1 MiB at a time); 0 once all have come."""
+        if self.size is None:
+            return _LENGTH.size - len(self.buffer)
+        return min(self.size - len(self.buffer), 1 << 20)
+
+    def feed(self, data: bytes, fds: list[int]) -> None:
+        """Take what one read gave; end of file before the end raises ConnectionError."""
+        self.fds += fds
+        if not data:
             raise ConnectionError("the box helper closed the connection")
-        chunks += chunk
-    return bytes(chunks)
+        self.buffer += data
+        if self.size is None and len(self.buffer) == _LENGTH.size:
+            self.size = _LENGTH.unpack(self.buffer)[0]
+            self.buffer.clear()
+
+    def result(self) -> tuple[Any, list[int]]:
+        """(result, descriptors) once :meth:`wanted` is 0; the descriptors are the caller's."""
+        # Our own helper process, over a private socketpair.
+        result = pickle.loads(self.buffer)  # noqa: S301
+        fds, self.fds = self.fds, []
+        return result, fds
+
+    def close(self) -> None:
+        """Close the descriptors received so far (the answer is abandoned)."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
 
 MAX_WARM = 8

@@ -60,3 +60,10 @@ def test_the_cli_repeats_and_reports_every_run(tmp_path):
     assert meta.read_text().startswith(f"time:{data['cpu_time']:.3f}\n")
     bad = run_cli("exec", "--repeat", "0", "--", "true")
     assert bad.returncode == 125 and b"--repeat: expected a number of runs" in bad.stderr
+
+
+def test_asyncio_callers_repeat_too():
+    import asyncio
+
+    report = asyncio.run(sandbox.aio.run(["sh", "-c", FRESH], stdin=b"x\n", repeat=2))
+    assert [run.stdout for run in report.runs] == [b"x\nrun\n"] * 2 and report.ok

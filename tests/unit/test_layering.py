@@ -27,9 +27,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
             "repeat.py"),
     "request": ("request.py",),
     "orchestration": ("helper.py", "group.py"),
-    "front": ("__init__.py", "__main__.py", "api.py", "cli.py", "cli_image.py", "doctor.py",
-              "logs.py", "meta.py", "workspace.py", "cli_workspace.py", "isolate.py",
-              "isolate_args.py"),
+    "front": ("__init__.py", "__main__.py", "aio.py", "api.py", "cli.py", "cli_image.py",
+              "doctor.py", "logs.py", "meta.py", "workspace.py", "cli_workspace.py",
+              "isolate.py", "isolate_args.py"),
 }
 #: What each layer's modules may import besides their own layer: layers, or single modules.
 MAY_IMPORT: dict[str, tuple[str, ...]] = {

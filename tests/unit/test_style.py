@@ -17,7 +17,7 @@ BIN = Path(sys.executable).parent
 def test_public_api_is_exactly_all():
     assert sorted(sandbox.__all__) == sorted(
         ["AppliedLimit", "Bind", "ConfigError", "GroupReport", "HostError", "Report",
-         "SandboxError", "SetupFailure", "StopReason", "Verdict", "Workspace", "run",
+         "SandboxError", "SetupFailure", "StopReason", "Verdict", "Workspace", "aio", "run",
          "run_group"])
     for name in sandbox.__all__:
         assert getattr(sandbox, name).__doc__
