@@ -29,7 +29,7 @@ import re
 import stat
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,7 @@ _DIR = "workspaces"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 DEFAULT_SIZE = 64 << 20
 MAX_INODES = 65536
+_POLL = 0.005  # seconds between tries of a busy workspace from asyncio
 
 
 def _home() -> int:
@@ -258,6 +259,29 @@ class Workspace:
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
+    @contextlib.asynccontextmanager
+    async def held_async(self) -> AsyncIterator[None]:
+        """:meth:`held` from asyncio: waits without blocking the event loop."""
+        import asyncio
+
+        if self._root < 0:
+            raise ConfigError("request", "workspace", "the workspace is closed")
+        while not self._thread_lock.acquire(blocking=False):
+            await asyncio.sleep(_POLL)
+        try:
+            while True:
+                try:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(_POLL)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
     def _parent(self, path: str, create: bool) -> tuple[int, str]:
         """The directory holding ``path`` (relative to the work dir) and its last name;
         ``create`` makes the missing directories, owned by the workspace's id."""
@@ -284,44 +308,75 @@ class Workspace:
     def put(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         """Write ``data`` to ``path`` in the workspace (the box's ``/box/PATH``), replacing a
         regular file there; never through a symlink or into a FIFO a run left."""
-        content = data.encode() if isinstance(data, str) else bytes(data)
         with self.held():
-            try:
-                parent, name = self._parent(path, create=True)
-                try:
-                    flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK
-                    fd = open_beneath(parent, name, flags, 0o600)
-                finally:
-                    os.close(parent)
-                try:
-                    if not stat.S_ISREG(os.fstat(fd).st_mode):
-                        raise ConfigError("request", "path", f"{path} is not a regular file")
-                    os.ftruncate(fd, 0)
-                    view = memoryview(content)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    os.fchown(fd, self.root.uid, self.root.gid)
-                    os.fchmod(fd, mode & 0o777)
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                raise self._error(path, e) from None
+            self._put(path, data, mode)
 
     def get(self, path: str) -> bytes:
         """The content of the regular file ``path`` in the workspace."""
         with self.held():
+            return self._get(path)
+
+    def run(self, argv: list[str], **kwargs: Any) -> Report:
+        """``sandbox.run(argv, **kwargs)`` with this workspace as the work dir (``/box``)."""
+        from .api import run
+
+        with self.held():
+            return run(argv, workspace=self, **kwargs)
+
+    async def aput(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        """:meth:`put`, from asyncio."""
+        async with self.held_async():
+            self._put(path, data, mode)
+
+    async def aget(self, path: str) -> bytes:
+        """:meth:`get`, from asyncio."""
+        async with self.held_async():
+            return self._get(path)
+
+    async def arun(self, argv: list[str], **kwargs: Any) -> Report:
+        """``await sandbox.aio.run(argv, **kwargs)`` with this workspace as the work dir;
+        cancelling it kills the box, as :func:`sandbox.aio.run` does."""
+        from . import aio
+
+        async with self.held_async():
+            return await aio.run(argv, workspace=self, **kwargs)
+
+    def _put(self, path: str, data: bytes | str, mode: int) -> None:
+        content = data.encode() if isinstance(data, str) else bytes(data)
+        try:
+            parent, name = self._parent(path, create=True)
             try:
-                parent, name = self._parent(path, create=False)
-                try:
-                    fd = open_beneath(parent, name, os.O_RDONLY | os.O_NONBLOCK)
-                finally:
-                    os.close(parent)
-                with os.fdopen(fd, "rb") as f:
-                    if not stat.S_ISREG(os.fstat(fd).st_mode):
-                        raise ConfigError("request", "path", f"{path} is not a regular file")
-                    return f.read()
-            except OSError as e:
-                raise self._error(path, e) from None
+                flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK
+                fd = open_beneath(parent, name, flags, 0o600)
+            finally:
+                os.close(parent)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ConfigError("request", "path", f"{path} is not a regular file")
+                os.ftruncate(fd, 0)
+                view = memoryview(content)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fchown(fd, self.root.uid, self.root.gid)
+                os.fchmod(fd, mode & 0o777)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise self._error(path, e) from None
+
+    def _get(self, path: str) -> bytes:
+        try:
+            parent, name = self._parent(path, create=False)
+            try:
+                fd = open_beneath(parent, name, os.O_RDONLY | os.O_NONBLOCK)
+            finally:
+                os.close(parent)
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ConfigError("request", "path", f"{path} is not a regular file")
+                return f.read()
+        except OSError as e:
+            raise self._error(path, e) from None
 
     def _error(self, path: str, e: OSError) -> SandboxError:
         if e.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
@@ -333,13 +388,6 @@ class Workspace:
                 "request", "path", f"{path}: the workspace is full ({self.size} bytes)"
             )
         return ConfigError("request", "path", f"{path}: {e.strerror}")
-
-    def run(self, argv: list[str], **kwargs: Any) -> Report:
-        """``sandbox.run(argv, **kwargs)`` with this workspace as the work dir (``/box``)."""
-        from .api import run
-
-        with self.held():
-            return run(argv, workspace=self, **kwargs)
 
     def close(self) -> None:
         """Stop using it; a workspace of this process is removed, a named one stays."""

@@ -134,3 +134,17 @@ def test_named_workspaces_from_the_command_line(tmp_path, gcc):
     assert missing.returncode == 125 and b"no workspace named 'judge-ws'" in missing.stderr
     bad = run_cli("workspace", "create", "Bad/Name")
     assert bad.returncode == 125 and len(bad.stderr.splitlines()) <= 2
+
+
+def test_a_workspace_from_asyncio():
+    import asyncio
+
+    async def judge(ws: sandbox.Workspace) -> list[bytes]:
+        await ws.aput("in.txt", "x\n")
+        # Two runs at once: the workspace takes them one after the other.
+        reports = await asyncio.gather(*(ws.arun(["sh", "-c", "cat in.txt; echo y >> in.txt"])
+                                         for _ in range(2)))
+        return [r.stdout for r in reports] + [await ws.aget("in.txt")]
+
+    with sandbox.Workspace() as ws:
+        assert sorted(asyncio.run(judge(ws))) == [b"x\n", b"x\ny\n", b"x\ny\ny\n"]
