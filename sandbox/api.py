@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import inspect
 import os
 import pickle
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ParamSpec
 
 from . import helper, logs
 from .errors import ConfigError, HostError, SandboxError
@@ -26,15 +27,16 @@ from .repeat import check_repeat, summarize
 from .report import Report
 from .request import Request, resolve
 from .spec import Bind, Spec, WorkspaceRoot
+from .streams import read_all, read_capture, sealed_input
 
 if TYPE_CHECKING:
     from typing import Unpack
 
     from .limits import LimitKeywords
     from .workspace import Workspace
-from .streams import read_all, read_capture, sealed_input
 
 BindLike = Bind | tuple[str, str] | tuple[str, str, bool]
+_P = ParamSpec("_P")
 
 
 class _Helper:
@@ -156,53 +158,6 @@ def _stdin_fd(stdin: bytes | str | int | None) -> int:
     return sealed_input(stdin.encode() if isinstance(stdin, str) else bytes(stdin))
 
 
-def run(
-    argv: Sequence[str],
-    *,
-    profile: str | None = None,
-    policy: str | Path | None = None,
-    purpose: str | None = None,
-    language: str | None = None,
-    tenant: str | None = None,
-    stdin: bytes | str | int | None = b"",
-    stdout: int | None = None,
-    stderr: int | None = None,
-    binds: Sequence[BindLike] = (),
-    env: Mapping[str, str] | None = None,
-    image: str | None = None,
-    repeat: int = 1,
-    workspace: Workspace | None = None,
-    **limits: Unpack[LimitKeywords],
-) -> Report:
-    """Run ``argv`` in a new box and return its report (captured output in ``stdout``/``stderr``).
-
-    ``profile`` names a profile (default ``strict``) or gives its path; with ``policy`` the
-    policy picks the profile from ``purpose``/``language``/``tenant`` and clamps limits to its
-    ceilings. ``stdin`` is bytes, text, a file descriptor (duplicated) or None (empty);
-    ``stdout``/``stderr`` are captured into the report unless given a file descriptor to write
-    to (the output limit applies either way). The limit keywords (one per limit of
-    :data:`sandbox.limits.LIMITS`: ``wall_time``, ``cpu_time``, ``memory``, ``pids``, ...)
-    override the profile's (sizes accept ``64M``, durations ``500ms``; None keeps the
-    profile's). Raises
-    :class:`~sandbox.errors.SandboxError` for invalid requests and hosts that cannot honour the
-    profile; everything the program does is in the report's verdict. ``image`` runs on an
-    image of the store (its Entrypoint/Cmd, Env and WorkingDir apply; an empty ``argv`` runs
-    its command); ``root_size`` makes the root writable with that much room. ``repeat=N``
-    runs the request in N fresh boxes and returns their summary (sandbox/repeat.py: median
-    figures, the first failed run's outcome and output, every run in ``runs``); the given
-    ``stdout``/``stderr`` descriptors get the first run's output. ``workspace`` (a
-    :class:`~sandbox.Workspace`) is the work dir, kept across runs; :meth:`Workspace.run`
-    passes it.
-    """
-    prepared = _prepare_run(
-        argv, profile=profile, policy=policy, purpose=purpose, language=language, tenant=tenant,
-        stdin=stdin, stdout=stdout, stderr=stderr, binds=binds, env=env, image=image,
-        repeat=repeat, workspace=workspace, **limits
-    )
-    runs = [_finish_run(c, *_call(request, fds)) for request, fds, c in prepared.requests()]
-    return summarize(runs)
-
-
 @dataclass(frozen=True)
 class _Prepared:
     """A checked and resolved :func:`run`; :meth:`requests` makes each run's request to the
@@ -242,8 +197,26 @@ def _prepare_run(
     workspace: Workspace | None = None,
     **limits: Unpack[LimitKeywords],
 ) -> _Prepared:
-    """The checks and resolution of :func:`run` (whose arguments these are), before anything is
-    sent."""
+    """Run ``argv`` in a new box and return its report (captured output in ``stdout``/``stderr``).
+
+    ``profile`` names a profile (default ``strict``) or gives its path; with ``policy`` the
+    policy picks the profile from ``purpose``/``language``/``tenant`` and clamps limits to its
+    ceilings. ``stdin`` is bytes, text, a file descriptor (duplicated) or None (empty);
+    ``stdout``/``stderr`` are captured into the report unless given a file descriptor to write
+    to (the output limit applies either way). The limit keywords (one per limit of
+    :data:`sandbox.limits.LIMITS`: ``wall_time``, ``cpu_time``, ``memory``, ``pids``, ...)
+    override the profile's (sizes accept ``64M``, durations ``500ms``; None keeps the
+    profile's). Raises
+    :class:`~sandbox.errors.SandboxError` for invalid requests and hosts that cannot honour the
+    profile; everything the program does is in the report's verdict. ``image`` runs on an
+    image of the store (its Entrypoint/Cmd, Env and WorkingDir apply; an empty ``argv`` runs
+    its command); ``root_size`` makes the root writable with that much room. ``repeat=N``
+    runs the request in N fresh boxes and returns their summary (sandbox/repeat.py: median
+    figures, the first failed run's outcome and output, every run in ``runs``); the given
+    ``stdout``/``stderr`` descriptors get the first run's output. ``workspace`` (a
+    :class:`~sandbox.Workspace`) is the work dir, kept across runs; :meth:`Workspace.run`
+    passes it.
+    """
     attributes = {
         k: v
         for k, v in (("purpose", purpose), ("language", language), ("tenant", tenant))
@@ -267,6 +240,26 @@ def _prepare_run(
     if count > 1 and isinstance(stdin, int):
         stdin = read_all(stdin)  # every run reads the same input from its start
     return _Prepared(spec, count, stdin, stdout, stderr)
+
+
+def _blocking(prepare: Callable[_P, _Prepared]) -> Callable[_P, Report]:
+    """The blocking call for ``prepare`` (whose arguments, signature and docstring it takes:
+    :mod:`sandbox.aio` makes its awaitable from the same one)."""
+
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> Report:
+        prepared = prepare(*args, **kwargs)
+        runs = [_finish_run(c, *_call(request, fds)) for request, fds, c in prepared.requests()]
+        return summarize(runs)
+
+    run.__qualname__ = run.__name__
+    run.__doc__ = prepare.__doc__
+    # prepare's signature, returning the report, for inspect and help()
+    signature = inspect.signature(prepare).replace(return_annotation="Report")
+    run.__signature__ = signature  # type: ignore[attr-defined]
+    return run
+
+
+run = _blocking(_prepare_run)
 
 
 def _workspace_root(workspace: object) -> WorkspaceRoot | None:
