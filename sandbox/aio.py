@@ -41,10 +41,13 @@ def _awaitable(
     type for both keeps their arguments the same)."""
 
     async def run(*args: _P.args, **kwargs: _P.kwargs) -> Report:
-        runs = [
-            api._finish_run(captured, *await _call(request, fds))
-            for request, fds, captured in prepare(*args, **kwargs).requests()
-        ]
+        prepared = prepare(*args, **kwargs)
+        ws = prepared.workspace
+        async with contextlib.nullcontext() if ws is None else ws.held_async():
+            runs = [
+                api._finish_run(captured, *await _call(request, fds))
+                for request, fds, captured in prepared.requests()
+            ]
         return summarize(runs)
 
     run.__qualname__ = run.__name__

@@ -6,6 +6,7 @@ never forks. Sending a run to the helper takes a short lock; everything else run
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import inspect
@@ -168,6 +169,7 @@ class _Prepared:
     stdin: bytes | str | int | None
     stdout: int | None
     stderr: int | None
+    workspace: Workspace | None  # held for the runs: one user at a time
 
     def requests(self) -> Iterator[tuple[helper.Request, list[int], list[str]]]:
         for i in range(self.count):
@@ -239,7 +241,7 @@ def _prepare_run(
     )
     if count > 1 and isinstance(stdin, int):
         stdin = read_all(stdin)  # every run reads the same input from its start
-    return _Prepared(spec, count, stdin, stdout, stderr)
+    return _Prepared(spec, count, stdin, stdout, stderr, workspace)
 
 
 def _blocking(prepare: Callable[_P, _Prepared]) -> Callable[_P, Report]:
@@ -248,7 +250,9 @@ def _blocking(prepare: Callable[_P, _Prepared]) -> Callable[_P, Report]:
 
     def run(*args: _P.args, **kwargs: _P.kwargs) -> Report:
         prepared = prepare(*args, **kwargs)
-        runs = [_finish_run(c, *_call(request, fds)) for request, fds, c in prepared.requests()]
+        ws = prepared.workspace
+        with contextlib.nullcontext() if ws is None else ws.held():
+            runs = [_finish_run(c, *_call(req, fds)) for req, fds, c in prepared.requests()]
         return summarize(runs)
 
     run.__qualname__ = run.__name__

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 def add_workspace_arguments(ws: argparse.ArgumentParser) -> None:
@@ -34,7 +33,7 @@ def add_workspace_arguments(ws: argparse.ArgumentParser) -> None:
 def run_workspace(args: argparse.Namespace) -> int:
     """Carry out one ``sandbox workspace`` subcommand."""
     from .errors import ConfigError
-    from .workspace import Workspace, names
+    from .workspace import Workspace, names, remove_named
 
     command = args.workspace_command
     if command == "ls":
@@ -47,7 +46,7 @@ def run_workspace(args: argparse.Namespace) -> int:
         return 0
     if command == "rm":
         for name in args.name:
-            Workspace.open(name).remove()
+            remove_named(name)
         return 0
     ws = Workspace.open(args.name)
     try:
@@ -66,8 +65,9 @@ def run_workspace(args: argparse.Namespace) -> int:
             return 0
         data = ws.get(args.path)
         if args.output is None:
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
+            view = memoryview(data)
+            while view:  # a pipe may take less than all of it at once
+                view = view[os.write(1, view) :]
             return 0
         from .hostpath import OutputFile
 

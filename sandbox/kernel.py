@@ -115,7 +115,7 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> i
     """
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
     return _check(
-        _libc.syscall(SYS_OPENAT2, dirfd, path.encode(), ctypes.byref(how), ctypes.sizeof(how)),
+        _libc.syscall(SYS_OPENAT2, dirfd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how)),
         path,
     )
 

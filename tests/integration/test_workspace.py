@@ -148,3 +148,88 @@ def test_a_workspace_from_asyncio():
 
     with sandbox.Workspace() as ws:
         assert sorted(asyncio.run(judge(ws))) == [b"x\n", b"x\ny\n", b"x\ny\ny\n"]
+
+
+def test_a_handle_on_a_removed_workspace_never_reaches_the_next_one_in_its_slot():
+    from sandbox.workspace import remove_named
+
+    first = sandbox.Workspace.create("ws-first")
+    try:
+        first.put("sol", "first's file")
+        remove_named("ws-first")  # as another judge's `sandbox workspace rm` would
+        with sandbox.Workspace.create("ws-second") as second:
+            assert second.root.path == first.root.path  # the slot, and its id, came back
+            second.put("secret", "second's secret")
+            for call in (lambda: first.run(["cat", "secret"]), lambda: first.get("sol"),
+                         lambda: first.put("secret", "overwritten")):
+                with pytest.raises(sandbox.ConfigError, match="was removed"):
+                    call()
+            assert second.get("secret") == b"second's secret"
+            second.remove()
+    finally:
+        first.close()
+
+
+def test_a_forked_child_leaves_its_parents_workspace_alone():
+    with sandbox.Workspace() as ws:
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)  # runs the child's exit handlers
+        os.waitpid(pid, 0)
+        assert mounted(ws.root.path) and ws.run(["true"]).ok
+
+
+def test_one_name_is_claimed_once_by_concurrent_creates():
+    from sandbox.workspace import names, remove_named
+
+    outcomes: list[str] = []
+
+    def create() -> None:
+        try:
+            sandbox.Workspace.create("ws-dup").close()
+            outcomes.append("made")
+        except sandbox.ConfigError:
+            outcomes.append("exists")
+
+    threads = [threading.Thread(target=create) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert sorted(outcomes) == ["exists"] * 5 + ["made"]
+        assert names().count("ws-dup") == 1
+    finally:
+        remove_named("ws-dup")
+
+
+def test_a_named_workspace_whose_tmpfs_is_gone_can_still_be_removed():
+    from sandbox.kernel import MNT_DETACH, Kernel
+    from sandbox.workspace import remove_named
+
+    ws = sandbox.Workspace.create("ws-gone")
+    path = ws.root.path
+    ws.close()
+    Kernel().umount2(path, MNT_DETACH)  # as a reboot leaves it
+    with pytest.raises(sandbox.HostError, match="not mounted"):
+        sandbox.Workspace.open("ws-gone")
+    remove_named("ws-gone")
+    sandbox.Workspace.create("ws-gone").remove()
+
+
+def test_a_run_cannot_break_or_overfill_the_next_users_workspace():
+    with sandbox.Workspace(size="1M") as ws:
+        ws.run(["sh", "-c", "truncate -s 32M sparse; chmod 000 /box"])
+        assert ws.run(["sh", "-c", "echo still"]).stdout == b"still\n"  # /box is the box's again
+        with pytest.raises(sandbox.ConfigError, match="larger than the workspace"):
+            ws.get("sparse")  # a sparse file claims more than the tmpfs could hold
+
+
+@pytest.mark.parametrize("call", [
+    lambda ws: ws.get("a\0b"), lambda ws: ws.put("x", 5), lambda ws: ws.get("\udcff"),
+    lambda ws: sandbox.Workspace.create("nl\n"),
+])
+def test_bad_names_and_values_are_one_line_errors(call):
+    with sandbox.Workspace() as ws, pytest.raises(sandbox.ConfigError) as info:
+        call(ws)
+    assert "\n" not in str(info.value)
