@@ -171,12 +171,17 @@ def test_a_handle_on_a_removed_workspace_never_reaches_the_next_one_in_its_slot(
 
 
 def test_a_forked_child_leaves_its_parents_workspace_alone():
-    with sandbox.Workspace() as ws:
-        pid = os.fork()
-        if pid == 0:
-            sys.exit(0)  # runs the child's exit handlers
-        os.waitpid(pid, 0)
-        assert mounted(ws.root.path) and ws.run(["true"]).ok
+    code = (
+        "import os, sys, sandbox\n"
+        "ws = sandbox.Workspace()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    sys.exit(0)  # the child's exit handlers run\n"
+        "os.waitpid(pid, 0)\n"
+        "print(ws.run(['true']).ok)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.stdout == b"True\n", proc.stderr
 
 
 def test_one_name_is_claimed_once_by_concurrent_creates():
