@@ -10,8 +10,7 @@ Cancelling the awaiting task cancels the run: the run's socket is shut for writi
 box's supervisor reads as its caller gone, so it kills the box at once. The task then waits (at
 most :data:`KILL_WAIT`) for the supervisor's last answer, which comes once nothing of the box
 runs, throws it away, and re-raises the cancellation; nothing half-written is returned. A
-group's boxes do not watch their caller: a cancelled :func:`run_group` returns at once and its
-boxes end by their own limits.
+cancelled :func:`run_group` stops every box of its group the same way.
 """
 
 from __future__ import annotations
@@ -76,8 +75,7 @@ async def _call(request: helper.Request, fds: list[int]) -> tuple[object, list[i
             except asyncio.CancelledError:
                 with contextlib.suppress(OSError):  # the helper may be gone already
                     ours.shutdown(socket.SHUT_WR)  # the supervisor's cancel: it kills the box
-                if request.group is None:  # a group's boxes end by their own limits
-                    await _settle(ours, reader)
+                await _settle(ours, reader)
                 raise
             except OSError as e:
                 raise api._receive_failed(e) from None

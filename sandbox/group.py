@@ -182,8 +182,9 @@ def _box(
     return BoxSpec(name, replace(spec, hostname=name), stdin_from)
 
 
-def run_group(group: GroupSpec) -> GroupReport:
-    """Run every box at once, each under its own supervisor; call only single-threaded."""
+def run_group(group: GroupSpec, cancel_fd: int | None = None) -> GroupReport:
+    """Run every box at once, each under its own supervisor; call only single-threaded.
+    ``cancel_fd`` readable (its caller went away) stops every box (``cancelled``)."""
     if group.network is NetworkMode.LINKED:
         from .box.network import LinkedNetwork
 
@@ -191,11 +192,11 @@ def run_group(group: GroupSpec) -> GroupReport:
             boxes = tuple(
                 replace(b, spec=replace(b.spec, link=net.links[b.name])) for b in group.boxes
             )
-            return _run(group, boxes)
-    return _run(group, group.boxes)
+            return _run(group, boxes, cancel_fd)
+    return _run(group, group.boxes, cancel_fd)
 
 
-def _run(group: GroupSpec, boxes: tuple[BoxSpec, ...]) -> GroupReport:
+def _run(group: GroupSpec, boxes: tuple[BoxSpec, ...], cancel_fd: int | None) -> GroupReport:
     from .streams import BufferSink
     from .supervisor import run_box
 
@@ -228,6 +229,8 @@ def _run(group: GroupSpec, boxes: tuple[BoxSpec, ...]) -> GroupReport:
                     for _, other_result, other_cancel in running.values():
                         os.close(other_result)
                         os.close(other_cancel)
+                    # Only the runner holds the write end: its close is this box's cancel.
+                    os.close(cancel_w)
                     stdin = (
                         pipes[box.stdin_from][0]
                         if box.stdin_from
@@ -251,10 +254,12 @@ def _run(group: GroupSpec, boxes: tuple[BoxSpec, ...]) -> GroupReport:
         for read_end, write_end in pipes.values():
             os.close(read_end)
             os.close(write_end)
-    return _collect(group, running)
+    return _collect(group, running, cancel_fd)
 
 
-def _collect(group: GroupSpec, running: dict[str, tuple[int, int, int]]) -> GroupReport:
+def _collect(
+    group: GroupSpec, running: dict[str, tuple[int, int, int]], cancel_fd: int | None
+) -> GroupReport:
     reports: dict[str, Report] = {}
     errors: list[SandboxError] = []
     order: list[str] = []
@@ -262,10 +267,19 @@ def _collect(group: GroupSpec, running: dict[str, tuple[int, int, int]]) -> Grou
     by_fd = {fd: name for name, (_, fd, _) in running.items()}
     stop_at: float | None = None  # when the boxes still running are told to stop
     stopped = False
+    watched = [] if cancel_fd is None else [cancel_fd]
+    cancelled: set[str] = set()  # boxes whose cancel pipe was closed to stop them
     while by_fd:
         timeout = None if stop_at is None or stopped else max(stop_at - time.monotonic(), 0)
-        ready, _, _ = select.select(list(by_fd), [], [], timeout)
+        ready, _, _ = select.select([*by_fd, *watched], [], [], timeout)
         for fd in ready:
+            if fd == cancel_fd:  # the caller went away: every box still running is cancelled
+                watched = []
+                for name in by_fd.values():
+                    os.close(running[name][2])  # end of file: cancelled
+                    cancelled.add(name)
+                stopped = True
+                continue
             chunk = os.read(fd, 1 << 20)
             if chunk:
                 buffers[by_fd[fd]] += chunk
@@ -274,7 +288,8 @@ def _collect(group: GroupSpec, running: dict[str, tuple[int, int, int]]) -> Grou
             os.close(fd)
             pid, _, cancel = running[name]
             os.waitpid(pid, 0)
-            os.close(cancel)
+            if name not in cancelled:
+                os.close(cancel)
             result = pickle.loads(bytes(buffers[name])) if buffers[name] else None  # noqa: S301
             if isinstance(result, Report):
                 reports[name] = result

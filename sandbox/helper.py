@@ -189,7 +189,7 @@ def _serve_one(request: Request, fds: list[int], box: Any = None, at: float = 0.
         if request.group is not None:
             from .group import run_group
 
-            result: Any = run_group(request.group)
+            result: Any = run_group(request.group, cancel_fd=conn.fileno())
         elif request.spec is not None and box is not None and box.matches(request.spec):
             result = box.run(
                 request.spec,

@@ -2,6 +2,7 @@
 without a thread each, cancelling a task kills its box, and the same errors."""
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -162,6 +163,59 @@ def test_cancelling_the_task_kills_its_box_at_once_and_leaves_nothing(owned, poo
                        for p in (owned.dirs["pids"] / cgroups.SUBTREE).glob("*/cgroup.procs"))
         assert wait_for(lambda: not any((d / cgroups.SUBTREE / box).exists()
                                         for d in owned.dirs.values()))
+    finally:
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+
+
+CANCEL_GROUP = r"""
+import asyncio, json, os, sys, time, sandbox
+async def main():
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(sandbox.aio.run_group(sys.argv[1]))
+    line = asyncio.Event()
+    loop.add_reader(0, line.set)
+    await line.wait()
+    loop.remove_reader(0)
+    os.read(0, 100)
+    start = time.monotonic()
+    task.cancel()
+    try:
+        await task
+        ended = "returned"
+    except asyncio.CancelledError:
+        ended = "cancelled"
+    print(json.dumps([ended, time.monotonic() - start]), flush=True)
+    os.read(0, 100)
+asyncio.run(main())
+"""
+
+
+def test_cancelling_a_group_task_kills_every_box_of_the_group(owned, tmp_path):
+    group = tmp_path / "group.toml"
+    group.write_text('[[box]]\nname = "a"\ncommand = ["sleep", "30"]\n'
+                     '[[box]]\nname = "b"\ncommand = ["sleep", "30"]\n')
+    tmp_path.chmod(0o755)
+
+    def sleeping() -> list[int]:
+        pids = []
+        for procs in (owned.dirs["pids"] / cgroups.SUBTREE).glob("box-*/cgroup.procs"):
+            for pid in procs.read_text().split():
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x0030\x00":
+                        pids.append(int(pid))
+        return pids
+
+    proc = owned.popen(sys.executable, "-c", CANCEL_GROUP, str(group), stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: len(sleeping()) == 2, timeout=60)
+        pids = sleeping()
+        proc.stdin.write(b"cancel\n")
+        proc.stdin.flush()
+        ended, took = json.loads(proc.stdout.readline())
+        assert ended == "cancelled" and took < 1.5, (ended, took)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
     finally:
         proc.stdin.close()
         assert proc.wait(timeout=60) == 0
