@@ -101,16 +101,19 @@ def test_the_example_group_runs_from_asyncio():
 
 
 # In a Python of the test's own cgroups: one run first (so the helper and its descriptors
-# exist), then `sleep 30` in a task, cancelled when the test writes a line; prints how the
-# task ended, how long the cancel took and the descriptors it left, then waits for the end of
-# its stdin (so what is checked is what the cancel did, not what the caller's exit did).
+# exist), then `sleep 30` in a task (or, given a group file, that group), cancelled when the
+# test writes a line; prints how the task ended, how long the cancel took and the descriptors
+# it left, then waits for the end of its stdin (so what is checked is what the cancel did, not
+# what the caller's exit did).
 CANCEL = r"""
 import asyncio, json, os, sys, time, sandbox
 async def main():
     loop = asyncio.get_running_loop()
     await sandbox.aio.run(["true"])
     fds = len(os.listdir("/proc/self/fd"))
-    task = asyncio.create_task(sandbox.aio.run(["sleep", "30"]))
+    group = sys.argv[1:]
+    run = sandbox.aio.run_group(group[0]) if group else sandbox.aio.run(["sleep", "30"])
+    task = asyncio.create_task(run)
     line = asyncio.Event()
     loop.add_reader(0, line.set)
     await line.wait()
@@ -168,29 +171,6 @@ def test_cancelling_the_task_kills_its_box_at_once_and_leaves_nothing(owned, poo
         assert proc.wait(timeout=60) == 0
 
 
-CANCEL_GROUP = r"""
-import asyncio, json, os, sys, time, sandbox
-async def main():
-    loop = asyncio.get_running_loop()
-    task = asyncio.create_task(sandbox.aio.run_group(sys.argv[1]))
-    line = asyncio.Event()
-    loop.add_reader(0, line.set)
-    await line.wait()
-    loop.remove_reader(0)
-    os.read(0, 100)
-    start = time.monotonic()
-    task.cancel()
-    try:
-        await task
-        ended = "returned"
-    except asyncio.CancelledError:
-        ended = "cancelled"
-    print(json.dumps([ended, time.monotonic() - start]), flush=True)
-    os.read(0, 100)
-asyncio.run(main())
-"""
-
-
 def test_cancelling_a_group_task_kills_every_box_of_the_group(owned, tmp_path):
     group = tmp_path / "group.toml"
     group.write_text('[[box]]\nname = "a"\ncommand = ["sleep", "30"]\n'
@@ -206,14 +186,14 @@ def test_cancelling_a_group_task_kills_every_box_of_the_group(owned, tmp_path):
                         pids.append(int(pid))
         return pids
 
-    proc = owned.popen(sys.executable, "-c", CANCEL_GROUP, str(group), stdin=subprocess.PIPE,
+    proc = owned.popen(sys.executable, "-c", CANCEL, str(group), stdin=subprocess.PIPE,
                        stdout=subprocess.PIPE)
     try:
         assert wait_for(lambda: len(sleeping()) == 2, timeout=60)
         pids = sleeping()
         proc.stdin.write(b"cancel\n")
         proc.stdin.flush()
-        ended, took = json.loads(proc.stdout.readline())
+        ended, took, _ = json.loads(proc.stdout.readline())
         assert ended == "cancelled" and took < 1.5, (ended, took)
         assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
     finally:
